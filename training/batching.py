@@ -1,0 +1,148 @@
+"""Turning users' interactions into padded tensor batches, and sampling training episodes.
+
+Everything is encoded once up front (every item of the dataset -> one row of codes), so a
+meta-step only gathers rows: no Python work per interaction inside the training loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from training.dataset import Dataset
+from training.features import FeatureSchema, encode_users
+from training.inner_loop import Batch
+from training.splits import Task, user_rows
+
+
+class EncodedCatalog:
+    """Every item the dataset knows, encoded once; items are addressed by row."""
+
+    def __init__(self, schema: FeatureSchema, dataset: Dataset, extra_item_ids: Sequence[str] = ()) -> None:
+        ids = sorted(set(dataset.items.values) | set(dataset.item_ids.tolist()) | set(extra_item_ids))
+        self.schema = schema
+        self.item_ids: list[str] = ids
+        self.row_of: dict[str, int] = {item: row for row, item in enumerate(ids)}
+        codes = np.zeros((len(ids) + 1, schema.item_width), dtype=np.int64)  # last row: an all-padding item
+        for row, item in enumerate(ids):
+            codes[row] = schema.encode_item(item, dataset.items.get(item))
+        self.codes = torch.from_numpy(codes)
+        self.padding_row = len(ids)
+        self._users = dataset.users
+
+    def rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        return np.fromiter((self.row_of[i] for i in item_ids), np.int64, len(item_ids))
+
+    def user_codes(self, user_ids: Sequence[str]) -> torch.Tensor:
+        return torch.from_numpy(encode_users(self.schema, self._users, user_ids))
+
+
+def pad_batch(
+    catalog: EncodedCatalog,
+    user_ids: Sequence[str],
+    supports: Sequence[np.ndarray],
+    support_labels: Sequence[np.ndarray],
+    queries: Sequence[np.ndarray],
+    min_support: int = 1,
+) -> Batch:
+    """A Batch from per-user item rows; support padded to the longest (at least min_support)."""
+    b = len(user_ids)
+    s = max([min_support, *(len(x) for x in supports)])
+    q = max([1, *(len(x) for x in queries)])
+    support_rows = np.full((b, s), catalog.padding_row, dtype=np.int64)
+    query_rows = np.full((b, q), catalog.padding_row, dtype=np.int64)
+    labels = np.zeros((b, s), dtype=np.float32)
+    mask = np.zeros((b, s), dtype=np.float32)
+    for i, (sup, lab, qry) in enumerate(zip(supports, support_labels, queries)):
+        support_rows[i, : len(sup)] = sup
+        labels[i, : len(sup)] = lab
+        mask[i, : len(sup)] = 1.0
+        query_rows[i, : len(qry)] = qry
+    return Batch(
+        user_features=catalog.user_codes(user_ids),
+        support_items=catalog.codes[torch.from_numpy(support_rows)],
+        support_labels=torch.from_numpy(labels),
+        support_mask=torch.from_numpy(mask),
+        query_items=catalog.codes[torch.from_numpy(query_rows)],
+    )
+
+
+def task_batches(catalog: EncodedCatalog, tasks: Sequence[Task], batch_size: int = 256):
+    """Yields (tasks, Batch) chunks for prediction."""
+    for start in range(0, len(tasks), batch_size):
+        chunk = tasks[start : start + batch_size]
+        yield chunk, pad_batch(
+            catalog,
+            [t.user for t in chunk],
+            [catalog.rows(t.support_items) for t in chunk],
+            [t.support_labels for t in chunk],
+            [catalog.rows(t.query_items) for t in chunk],
+        )
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """How meta-training episodes are cut from a training user's history."""
+
+    min_support: int = 0  # smallest support size sampled (0 trains the zero-shot score too)
+    max_support: int = 30  # support size drawn uniformly in [min_support, max_support] ...
+    all_but_query_prob: float = 0.2  # ... or, with this probability, everything but the last query_size
+    query_size: int = 10  # for the all-but-query episodes
+    max_query: int = 64  # later interactions used as the query (a random subset above this)
+    support_cap: int = 128  # never more support than this (the earliest interactions)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_support <= self.max_support:
+            raise ValueError("need 0 <= min_support <= max_support")
+        if not 0.0 <= self.all_but_query_prob <= 1.0:
+            raise ValueError("all_but_query_prob must be in [0, 1]")
+        if self.query_size < 1 or self.max_query < 1 or self.support_cap < 1:
+            raise ValueError("query_size, max_query and support_cap must be positive")
+
+
+class EpisodeSampler:
+    """Chronological episodes: support = a user's earliest K interactions, query = later ones."""
+
+    def __init__(self, catalog: EncodedCatalog, train: Dataset, config: EpisodeConfig) -> None:
+        self.catalog = catalog
+        self.config = config
+        per_user = user_rows(train)
+        self.users = sorted(u for u, r in per_user.items() if len(r) >= 2)
+        if not self.users:
+            raise ValueError("no training user has two or more interactions: nothing to meta-train on")
+        self.item_rows = {u: catalog.rows(train.item_ids[per_user[u]]) for u in self.users}
+        self.labels = {u: train.labels[per_user[u]].astype(np.float32) for u in self.users}
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+        """(batch, query_labels (B, Q), query_mask (B, Q)) for batch_size distinct users."""
+        c = self.config
+        chosen = rng.choice(len(self.users), size=min(batch_size, len(self.users)), replace=False)
+        users, supports, support_labels, queries, query_labels = [], [], [], [], []
+        for index in chosen:
+            user = self.users[index]
+            rows, labels = self.item_rows[user], self.labels[user]
+            n = len(rows)
+            if rng.random() < c.all_but_query_prob:
+                k = max(1, n - c.query_size)
+            else:
+                k = int(rng.integers(c.min_support, c.max_support + 1))
+            k = min(k, n - 1, c.support_cap)
+            later = np.arange(k, n)
+            if len(later) > c.max_query:
+                later = np.sort(rng.choice(later, size=c.max_query, replace=False))
+            users.append(user)
+            supports.append(rows[:k])
+            support_labels.append(labels[:k])
+            queries.append(rows[later])
+            query_labels.append(labels[later])
+        batch = pad_batch(self.catalog, users, supports, support_labels, queries)
+        q = batch.query_items.shape[1]
+        labels_out = torch.zeros((len(users), q))
+        mask_out = torch.zeros((len(users), q))
+        for i, lab in enumerate(query_labels):
+            labels_out[i, : len(lab)] = torch.from_numpy(lab)
+            mask_out[i, : len(lab)] = 1.0
+        return batch, labels_out, mask_out

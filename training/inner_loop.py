@@ -1,0 +1,235 @@
+"""The per-user inner loop, written once and used by training, evaluation and export.
+
+For each user: start from the meta-learned user parameters theta_0, take `steps`
+gradient steps on the support loss, score the query items. `torch.func.grad` gives the
+per-user gradient and `torch.func.vmap` runs all users of a batch at once; masks make
+ragged support sets exact (a padded entry contributes nothing).
+
+Step t, adapted parameter k (all per user):
+
+    objective(theta) = sum_j m_j * loss(score_j(theta), y_j)
+                       + sum_k pull_k * ||theta_k - theta_0k||^2      (if prior_pull)
+    update_k = lr_k[t] / D * grad_k objective(theta)
+    D = max(n + c, 1) if normalise_by_support_size else max(n, 1)     (n = support size)
+    theta_k <- theta_k - update_k * min(1, max_step_norm / ||update||)
+
+With D = n the data term is the mean loss, which is MAML's and Meta-SGD's usual form.
+With D = n + c (c learned) and a pull toward theta_0 the step is a normalised, damped
+Newton-like step: for the user bias alone, lr = 1/2 and c = pull = lambda make one step
+land exactly on the ridge estimate sum(residual) / (n + lambda), whatever n is. That is
+what keeps thousands of interactions from blowing the step up. The update-norm clip is
+the last guard: no support set can make the scores non-finite.
+
+Second-order MAML falls out of ordinary autograd through this function (torch.func.grad
+composes with it); first_order=True detaches the inner gradients instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal, Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from training import model as M
+from training.features import FeatureSchema
+
+LearningRateKind = Literal["scalar", "per_parameter", "per_step"]
+LossKind = Literal["squared", "logistic"]
+
+INNER_PREFIX = "inner."
+
+
+@dataclass(frozen=True)
+class InnerLoopConfig:
+    """How a user's parameters are adapted. Defaults are the served model's."""
+
+    steps: int = 5  # gradient steps per user (fixed: the exported graph unrolls them)
+    learning_rate: float = 0.5  # initial step size (fixed when not learned)
+    learning_rate_kind: LearningRateKind = "per_parameter"  # one lr, one per coordinate, or per step too
+    learn_learning_rate: bool = True  # Meta-SGD: learn the step sizes in the outer loop
+    normalise_by_support_size: bool = True  # divide steps by (n + c) with c learned, not by n
+    support_offset: float = 5.0  # initial c
+    prior_pull: bool = True  # learned pull back toward theta_0 (ridge in the inner objective)
+    prior_pull_init: float = 5.0  # initial pull weight per coordinate
+    max_step_norm: float = 2.0  # clip each user's update per step to this L2 norm; 0 = no clip
+    first_order: bool = False  # drop second-order terms of the meta-gradient
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"inner steps must be >= 0, got {self.steps}")
+        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
+            raise ValueError(f"inner learning_rate must be positive, got {self.learning_rate}")
+        if self.learning_rate_kind not in ("scalar", "per_parameter", "per_step"):
+            raise ValueError(f"learning_rate_kind must be scalar, per_parameter or per_step, got {self.learning_rate_kind!r}")
+        if self.support_offset <= 0 or self.prior_pull_init <= 0:
+            raise ValueError("support_offset and prior_pull_init must be positive")
+        if self.max_step_norm < 0:
+            raise ValueError("max_step_norm must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping) -> "InnerLoopConfig":
+        return InnerLoopConfig(**d)
+
+
+class Batch(NamedTuple):
+    """A padded batch of users. Masks are 1.0 for real entries, 0.0 for padding."""
+
+    user_features: Tensor  # (B, Wu) int64
+    support_items: Tensor  # (B, S, Wi) int64
+    support_labels: Tensor  # (B, S) float
+    support_mask: Tensor  # (B, S) float
+    query_items: Tensor  # (B, Q, Wi) int64
+
+
+class InnerLoopOutput(NamedTuple):
+    query_scores: Tensor  # (B, Q) raw: ratings, or logits for clicks
+    support_loss_before: Tensor  # (B,) mean support loss at theta_0 (0 with no support)
+    support_loss_after: Tensor  # (B,) ... after the inner steps
+
+
+def _lr_names(name: str, config: InnerLoopConfig) -> list[str]:
+    if config.learning_rate_kind == "per_step":
+        return [f"{INNER_PREFIX}log_lr.{name}.step{t}" for t in range(config.steps)]
+    return [f"{INNER_PREFIX}log_lr.{name}"]
+
+
+def init_inner_params(
+    model_config: M.ModelConfig, config: InnerLoopConfig, params: M.Params
+) -> M.Params:
+    """Inner-loop parameters (log step sizes, log offset, log pulls) to add to the model's."""
+    out: M.Params = {}
+    for name in model_config.adapted_names():
+        shape = () if config.learning_rate_kind == "scalar" else tuple(params_shape(model_config, params, name))
+        for lr_name in _lr_names(name, config):
+            out[lr_name] = torch.full(shape, math.log(config.learning_rate))
+        if config.prior_pull:
+            out[f"{INNER_PREFIX}log_pull.{name}"] = torch.full(
+                tuple(params_shape(model_config, params, name)), math.log(config.prior_pull_init)
+            )
+    if config.normalise_by_support_size:
+        out[f"{INNER_PREFIX}log_offset"] = torch.tensor(math.log(config.support_offset))
+    return out
+
+
+def params_shape(model_config: M.ModelConfig, params: M.Params, name: str) -> torch.Size:
+    """Per-user shape of an adapted parameter."""
+    if model_config.kind == "bias_factor":
+        return {"user.bias": torch.Size(()), "user.factors": torch.Size((model_config.factors,))}[name]
+    return params[name].shape
+
+
+def trainable_inner_names(config: InnerLoopConfig, params: M.Params) -> list[str]:
+    """Inner parameters the outer loop learns (step sizes only when Meta-SGD)."""
+    names = []
+    for name in params:
+        if not name.startswith(INNER_PREFIX):
+            continue
+        if name.startswith(f"{INNER_PREFIX}log_lr.") and not config.learn_learning_rate:
+            continue
+        names.append(name)
+    return names
+
+
+def support_loss_terms(kind: LossKind, scores: Tensor, labels: Tensor) -> Tensor:
+    """Per-entry loss: squared error for ratings, logistic loss on logits for clicks."""
+    if kind == "squared":
+        diff = scores - labels
+        return diff * diff
+    # log(1 + exp(-z)) for label 1 and log(1 + exp(z)) for 0, written with softplus for stability.
+    return torch.nn.functional.softplus(scores) - labels * scores
+
+
+def inner_steps(
+    data_loss: Callable[[M.Params], Tensor],
+    theta0: M.Params,
+    learning_rates: Mapping[str, Sequence[Tensor]],
+    denominator: Tensor,
+    config: InnerLoopConfig,
+    pulls: Mapping[str, Tensor] | None = None,
+) -> M.Params:
+    """`config.steps` clipped, normalised gradient steps on one user's objective.
+
+    `data_loss(theta)` is the summed support loss; `learning_rates[name]` holds one step
+    size per step (per_step) or a single one; `denominator` is D of the module docstring.
+    """
+    pulls = pulls or {}
+
+    def objective(theta: M.Params) -> Tensor:
+        total = data_loss(theta)
+        for name, pull in pulls.items():
+            diff = theta[name] - theta0[name]
+            total = total + (pull * diff * diff).sum()
+        return total
+
+    objective_grad = grad(objective)
+    theta = dict(theta0)
+    for step in range(config.steps):
+        g = objective_grad(theta)
+        if config.first_order:
+            g = {n: v.detach() for n, v in g.items()}
+        updates = {}
+        for name, value in g.items():
+            rates = learning_rates[name]
+            updates[name] = rates[step if len(rates) > 1 else 0] * value / denominator
+        if config.max_step_norm > 0:
+            # The epsilon keeps sqrt differentiable at a zero update (an empty support set).
+            norm = torch.sqrt(sum((u * u).sum() for u in updates.values()) + 1e-12)
+            scale = torch.clamp(config.max_step_norm / norm, max=1.0)
+            updates = {n: u * scale for n, u in updates.items()}
+        theta = {n: theta[n] - updates[n] for n in theta}
+    return theta
+
+
+def adapt_and_score(
+    model_config: M.ModelConfig,
+    config: InnerLoopConfig,
+    schema: FeatureSchema,
+    params: M.Params,
+    batch: Batch,
+    loss_kind: LossKind = "squared",
+) -> InnerLoopOutput:
+    """Adapts every user of the batch to its support set and scores its query items."""
+    adapted_names = model_config.adapted_names()
+    support_repr = M.item_repr(model_config, schema, params, batch.support_items)  # tuple of (B, S, ...)
+    query_repr = M.item_repr(model_config, schema, params, batch.query_items)  # tuple of (B, Q, ...)
+    users = M.user_repr(model_config, schema, params, batch.user_features)  # (B, Du)
+    start = M.initial_user_params(model_config, schema, params, batch.user_features)  # {name: (B, ...)}
+
+    pulls = {n: torch.exp(params[f"{INNER_PREFIX}log_pull.{n}"]) for n in adapted_names} if config.prior_pull else {}
+    learning_rates = {n: [torch.exp(params[lr]) for lr in _lr_names(n, config)] for n in adapted_names}
+    offset = torch.exp(params[f"{INNER_PREFIX}log_offset"]) if config.normalise_by_support_size else None
+
+    def per_user(start_u: M.Params, user: Tensor, s_items, labels: Tensor, mask: Tensor, q_items):
+        theta0 = {n: start_u[n] for n in adapted_names}
+        fixed = {n: v for n, v in start_u.items() if n not in theta0}
+
+        def data_loss(theta: M.Params) -> Tensor:
+            scores = M.predict(model_config, params, {**fixed, **theta}, user, s_items)
+            return (support_loss_terms(loss_kind, scores, labels) * mask).sum()
+
+        n_support = mask.sum()
+        denominator = (n_support + offset if offset is not None else n_support).clamp(min=1.0)
+        theta = inner_steps(data_loss, theta0, learning_rates, denominator, config, pulls)
+        before = data_loss(theta0) / n_support.clamp(min=1.0)
+        after = data_loss(theta) / n_support.clamp(min=1.0)
+        scores = M.predict(model_config, params, {**fixed, **theta}, user, q_items)
+        return scores, before, after
+
+    scores, before, after = vmap(per_user)(
+        start, users, support_repr, batch.support_labels, batch.support_mask, query_repr
+    )
+    return InnerLoopOutput(scores, before, after)
+
+
+def to_label_units(scores: Tensor, loss_kind: LossKind, low: float, high: float) -> Tensor:
+    """Raw scores -> what a caller sees: ratings clamped to the label range, or probabilities."""
+    if loss_kind == "logistic":
+        return torch.sigmoid(scores)
+    return scores.clamp(low, high)

@@ -1,0 +1,265 @@
+"""User-preference models as pure functions over a dict of parameters.
+
+Two structures share one interface (`item_repr`, `user_repr`, `initial_user_params`,
+`predict`), so the inner loop in training.inner_loop is written once for both:
+
+- ``bias_factor`` (the default): score = mu + b_item + theta_b + q_item . theta_f.
+  b_item = base item bias (shrunk item mean from the training data, fixed) + a regularised
+  id correction + pooled attribute biases; q_item = regularised id factors + pooled
+  attribute factors. The inner loop adapts the user part theta = (theta_b, theta_f) from a
+  meta-learned prior theta_0 (optionally shifted by the user's attributes). With item
+  factors near zero and one inner step of the right size it is exactly the support-fitted
+  bias baseline, which is where meta-training starts.
+- ``mlp`` (MeLU-like): pooled attribute embeddings of user and item, concatenated, through
+  decision layers; the inner loop adapts the decision layers.
+
+Shapes: B users, S support items, Q query items, W slots of an encoded item row,
+d factors, E embedding size, H hidden units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from training.features import ITEM_ID_FIELD, PAD, FeatureSchema, Field
+
+Params = dict[str, Tensor]
+
+BIAS_FACTOR_ADAPTED = ("user.bias", "user.factors")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model structure. Every field has a comment on what its default means."""
+
+    kind: Literal["bias_factor", "mlp"] = "bias_factor"
+    factors: int = 32  # bias_factor: dimension of user and item factors
+    prior: Literal["global", "user_attributes"] = "global"  # bias_factor: theta_0 from user attributes too
+    embedding_dim: int = 16  # mlp: per-field embedding size
+    hidden: tuple[int, ...] = (64, 64)  # mlp: decision layer widths
+    adapted: tuple[str, ...] = ()  # parameters the inner loop adapts; () = the kind's default
+    id_l2: float = 10.0  # L2 weight on item-id corrections and factors (per training interaction)
+    attribute_l2: float = 1.0  # L2 weight on attribute biases and factors
+    init_scale: float = 0.01  # std of the random initial factors / embeddings
+    use_item_id: bool = True  # item-id embedding (with an out-of-vocabulary row for new items)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("bias_factor", "mlp"):
+            raise ValueError(f"model kind must be 'bias_factor' or 'mlp', got {self.kind!r}")
+        if self.prior not in ("global", "user_attributes"):
+            raise ValueError(f"prior must be 'global' or 'user_attributes', got {self.prior!r}")
+        if self.factors < 1 or self.embedding_dim < 1 or any(h < 1 for h in self.hidden) or not self.hidden:
+            raise ValueError("factors, embedding_dim and hidden widths must be positive (hidden non-empty)")
+        if self.id_l2 < 0 or self.attribute_l2 < 0 or self.init_scale < 0:
+            raise ValueError("id_l2, attribute_l2 and init_scale must be >= 0")
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+        object.__setattr__(self, "adapted", tuple(self.adapted))
+        if self.adapted:
+            allowed = set(self._default_adapted())
+            unknown = [n for n in self.adapted if n not in allowed]
+            if unknown:
+                raise ValueError(f"cannot adapt {unknown} in a {self.kind} model; choose from {sorted(allowed)}")
+
+    def _default_adapted(self) -> tuple[str, ...]:
+        if self.kind == "bias_factor":
+            return BIAS_FACTOR_ADAPTED
+        return tuple(name for i in range(len(self.hidden) + 1) for name in (f"mlp.{i}.weight", f"mlp.{i}.bias"))
+
+    def adapted_names(self) -> tuple[str, ...]:
+        """Names of the per-user parameters the inner loop adapts."""
+        return self.adapted or self._default_adapted()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping) -> "ModelConfig":
+        d = dict(d)
+        d["hidden"] = tuple(d.get("hidden", (64, 64)))
+        d["adapted"] = tuple(d.get("adapted", ()))
+        return ModelConfig(**d)
+
+
+@dataclass
+class DataStats:
+    """What initialisation takes from the training data (nothing else does)."""
+
+    mean: float  # global mean label (a logit for clicks)
+    item_base_bias: Tensor  # (id codes,) shrunk item deviations from the mean; 0 for pad / OOV
+    interactions: int  # number of training interactions: scales the L2 terms
+
+
+def _fields(schema: FeatureSchema, side: str, config: ModelConfig) -> list[Field]:
+    fields = schema.user_fields if side == "user" else schema.item_fields
+    return [f for f in fields if config.use_item_id or f.name != ITEM_ID_FIELD]
+
+
+def _attribute_fields(schema: FeatureSchema) -> list[Field]:
+    return [f for f in schema.item_fields if f.name != ITEM_ID_FIELD]
+
+
+def init_params(config: ModelConfig, schema: FeatureSchema, stats: DataStats, seed: int = 0) -> Params:
+    """Initial parameters (the inner-loop parameters are added by training.inner_loop)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen) * config.init_scale
+
+    params: Params = {"mu": torch.tensor(float(stats.mean))}
+    if config.kind == "bias_factor":
+        d = config.factors
+        id_field = schema.item_id_field
+        if config.use_item_id and id_field is not None:
+            if stats.item_base_bias.shape != (id_field.num_codes,):
+                raise ValueError("item_base_bias must have one entry per item-id code")
+            params["item.base_bias"] = stats.item_base_bias.float().clone()
+            params["item.id_bias"] = torch.zeros(id_field.num_codes)
+            params["item.id_factors"] = randn(id_field.num_codes, d)
+        for f in _attribute_fields(schema):
+            params[f"item.attr_bias.{f.name}"] = torch.zeros(f.num_codes)
+            params[f"item.attr_factors.{f.name}"] = randn(f.num_codes, d)
+        params["user.bias0"] = torch.zeros(())
+        params["user.factors0"] = torch.zeros(d)
+        if config.prior == "user_attributes":
+            for f in schema.user_fields:
+                params[f"user.attr_bias.{f.name}"] = torch.zeros(f.num_codes)
+                params[f"user.attr_factors.{f.name}"] = torch.zeros(f.num_codes, d)
+        return params
+    e = config.embedding_dim
+    for side in ("user", "item"):
+        for f in _fields(schema, side, config):
+            # Embeddings feed a ReLU network: a larger scale than the factors keeps it off zero.
+            params[f"emb.{side}.{f.name}"] = torch.randn(f.num_codes, e, generator=gen) * 0.1
+    width = e * (len(_fields(schema, "user", config)) + len(_fields(schema, "item", config)))
+    for i, h in enumerate((*config.hidden, 1)):
+        bound = 1.0 / math.sqrt(width)
+        params[f"mlp.{i}.weight"] = (torch.rand(h, width, generator=gen) * 2 - 1) * bound
+        params[f"mlp.{i}.bias"] = (torch.rand(h, generator=gen) * 2 - 1) * bound
+        width = h
+    return params
+
+
+def frozen_names(config: ModelConfig) -> tuple[str, ...]:
+    """Parameters computed from data at initialisation and never trained."""
+    return ("item.base_bias",) if config.kind == "bias_factor" else ()
+
+
+def _pool(table: Tensor, codes: Tensor) -> Tensor:
+    """Mean of the embedding rows of the non-padding codes; (..., width) -> (..., dim).
+
+    Works for 1-D tables (biases) too: (..., width) -> (...).
+    """
+    mask = (codes != PAD).to(table.dtype)  # (..., width)
+    rows = table[codes]  # (..., width[, dim])
+    count = mask.sum(-1, keepdim=True).clamp(min=1.0)  # (..., 1)
+    if rows.dim() == codes.dim():  # a bias table
+        return (rows * mask).sum(-1) / count.squeeze(-1)
+    return (rows * mask.unsqueeze(-1)).sum(-2) / count
+
+
+def _slots(codes: Tensor, f: Field) -> Tensor:
+    return codes[..., f.offset : f.offset + f.width]
+
+
+def item_repr(config: ModelConfig, schema: FeatureSchema, params: Params, items: Tensor) -> tuple[Tensor, ...]:
+    """What the model needs of each item, computed once outside the per-user loop.
+
+    bias_factor: (b, q) with b (..., ) and q (..., d); mlp: (x,) with x (..., E * fields).
+    """
+    if config.kind == "bias_factor":
+        b = torch.zeros(items.shape[:-1], dtype=params["mu"].dtype)
+        q = torch.zeros((*items.shape[:-1], config.factors), dtype=params["mu"].dtype)
+        for f in schema.item_fields:
+            codes = _slots(items, f)
+            if f.name == ITEM_ID_FIELD:
+                if not config.use_item_id:
+                    continue
+                ids = codes[..., 0]
+                b = b + params["item.base_bias"][ids] + params["item.id_bias"][ids]
+                q = q + params["item.id_factors"][ids]
+            else:
+                b = b + _pool(params[f"item.attr_bias.{f.name}"], codes)
+                q = q + _pool(params[f"item.attr_factors.{f.name}"], codes)
+        return b, q
+    parts = [_pool(params[f"emb.item.{f.name}"], _slots(items, f)) for f in _fields(schema, "item", config)]
+    return (torch.cat(parts, dim=-1),)
+
+
+def user_repr(config: ModelConfig, schema: FeatureSchema, params: Params, users: Tensor) -> Tensor:
+    """(B, Wu) codes -> (B, E * user fields) for mlp; for bias_factor an empty (B, 0)."""
+    if config.kind == "mlp" and schema.user_fields:
+        return torch.cat([_pool(params[f"emb.user.{f.name}"], _slots(users, f)) for f in schema.user_fields], -1)
+    return users.new_zeros((users.shape[0], 0), dtype=params["mu"].dtype)
+
+
+def initial_user_params(config: ModelConfig, schema: FeatureSchema, params: Params, users: Tensor) -> Params:
+    """Each user's parameters before adaptation: (B, ...) per tensor.
+
+    The inner loop adapts the subset named by config.adapted_names(); the rest stay at
+    these values (for bias_factor they still carry the user-attribute prior).
+    """
+    batch = users.shape[0]
+    if config.kind == "bias_factor":
+        bias = params["user.bias0"].expand(batch)
+        factors = params["user.factors0"].expand(batch, config.factors)
+        if config.prior == "user_attributes":
+            for f in schema.user_fields:
+                codes = _slots(users, f)
+                bias = bias + _pool(params[f"user.attr_bias.{f.name}"], codes)
+                factors = factors + _pool(params[f"user.attr_factors.{f.name}"], codes)
+        return {"user.bias": bias, "user.factors": factors}
+    return {name: params[name].expand(batch, *params[name].shape) for name in config.adapted_names()}
+
+
+def predict(
+    config: ModelConfig,
+    params: Params,
+    user_params: Params,
+    user: Tensor,
+    items: tuple[Tensor, ...],
+) -> Tensor:
+    """Raw scores of one user's items (a rating, or a logit for clicks): (n,).
+
+    Called per user inside vmap: `user_params` holds that user's parameters (no batch axis),
+    `user` its representation, `items` its item representations from item_repr.
+    Adapted parameters are separate tensors and are never indexed or sliced: indexing a
+    per-user tensor inside vmap pins the batch size when the loop is traced for export.
+    """
+    if config.kind == "bias_factor":
+        b, q = items  # (n,), (n, d)
+        return params["mu"] + b + user_params["user.bias"] + q @ user_params["user.factors"]
+    (x,) = items  # (n, E * item fields)
+    h = torch.cat([user.expand(x.shape[0], user.shape[-1]), x], dim=-1)
+    layers = len(config.hidden) + 1
+    for i in range(layers):
+        weight = user_params.get(f"mlp.{i}.weight", params[f"mlp.{i}.weight"])
+        bias = user_params.get(f"mlp.{i}.bias", params[f"mlp.{i}.bias"])
+        h = h @ weight.transpose(0, 1) + bias
+        if i < layers - 1:
+            h = torch.relu(h)
+    return params["mu"] + h.squeeze(-1)
+
+
+def regulariser(config: ModelConfig, params: Params, interactions: int) -> Tensor:
+    """L2 on the item side, scaled per training interaction (a MAP prior on the full data)."""
+    scale = 1.0 / max(interactions, 1)
+    total = params["mu"].new_zeros(())
+    for name, value in params.items():
+        if name.startswith(("item.id_bias", "item.id_factors")):
+            total = total + config.id_l2 * scale * (value * value).sum()
+        elif name.startswith(("item.attr_", "emb.", "user.attr_")):
+            total = total + config.attribute_l2 * scale * (value * value).sum()
+    return total
+
+
+def parameter_count(params: Params) -> int:
+    return sum(int(v.numel()) for v in params.values())
+
+
+def names_with_prefix(params: Params, prefixes: Sequence[str]) -> list[str]:
+    return [n for n in params if n.startswith(tuple(prefixes))]
