@@ -197,9 +197,9 @@ def adapt_and_score(
 ) -> InnerLoopOutput:
     """Adapts every user of the batch to its support set and scores its query items."""
     adapted_names = model_config.adapted_names()
-    support_repr = M.item_repr(model_config, schema, params, batch.support_items)  # tuple of (B, S, ...)
-    query_repr = M.item_repr(model_config, schema, params, batch.query_items)  # tuple of (B, Q, ...)
     users = M.user_repr(model_config, schema, params, batch.user_features)  # (B, Du)
+    support_repr = M.pair_repr(model_config, users, M.item_repr(model_config, schema, params, batch.support_items))
+    query_repr = M.pair_repr(model_config, users, M.item_repr(model_config, schema, params, batch.query_items))
     start = M.initial_user_params(model_config, schema, params, batch.user_features)  # {name: (B, ...)}
 
     pulls = {n: torch.exp(params[f"{INNER_PREFIX}log_pull.{n}"]) for n in adapted_names} if config.prior_pull else {}

@@ -162,6 +162,13 @@ def _pool(table: Tensor, codes: Tensor) -> Tensor:
     return (rows * mask.unsqueeze(-1)).sum(-2) / count
 
 
+def _total(terms: list[Tensor]) -> Tensor:
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
 def _slots(codes: Tensor, f: Field) -> Tensor:
     return codes[..., f.offset : f.offset + f.width]
 
@@ -172,29 +179,47 @@ def item_repr(config: ModelConfig, schema: FeatureSchema, params: Params, items:
     bias_factor: (b, q) with b (..., ) and q (..., d); mlp: (x,) with x (..., E * fields).
     """
     if config.kind == "bias_factor":
-        b = torch.zeros(items.shape[:-1], dtype=params["mu"].dtype)
-        q = torch.zeros((*items.shape[:-1], config.factors), dtype=params["mu"].dtype)
+        # Sums of gathered rows only: creating tensors here (torch.zeros) would bake a
+        # device into the exported graph.
+        biases: list[Tensor] = []
+        factors: list[Tensor] = []
         for f in schema.item_fields:
             codes = _slots(items, f)
             if f.name == ITEM_ID_FIELD:
                 if not config.use_item_id:
                     continue
                 ids = codes[..., 0]
-                b = b + params["item.base_bias"][ids] + params["item.id_bias"][ids]
-                q = q + params["item.id_factors"][ids]
+                biases += [params["item.base_bias"][ids], params["item.id_bias"][ids]]
+                factors.append(params["item.id_factors"][ids])
             else:
-                b = b + _pool(params[f"item.attr_bias.{f.name}"], codes)
-                q = q + _pool(params[f"item.attr_factors.{f.name}"], codes)
-        return b, q
+                biases.append(_pool(params[f"item.attr_bias.{f.name}"], codes))
+                factors.append(_pool(params[f"item.attr_factors.{f.name}"], codes))
+        if not biases:
+            raise ValueError("the model has no item features: enable the item id or give item attributes")
+        return _total(biases), _total(factors)
     parts = [_pool(params[f"emb.item.{f.name}"], _slots(items, f)) for f in _fields(schema, "item", config)]
     return (torch.cat(parts, dim=-1),)
 
 
+def pair_repr(config: ModelConfig, user: Tensor, items: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Joins each user's representation to its items' (mlp): (B, n, Du + Di).
+
+    Done for the whole batch before the per-user loop: expanding inside vmap pins the
+    batch and item counts when the loop is traced for export.
+    """
+    if config.kind != "mlp":
+        return items
+    (x,) = items  # (B, n, Di)
+    return (torch.cat([user.unsqueeze(1).expand(x.shape[0], x.shape[1], user.shape[-1]), x], dim=-1),)
+
+
 def user_repr(config: ModelConfig, schema: FeatureSchema, params: Params, users: Tensor) -> Tensor:
-    """(B, Wu) codes -> (B, E * user fields) for mlp; for bias_factor an empty (B, 0)."""
-    if config.kind == "mlp" and schema.user_fields:
-        return torch.cat([_pool(params[f"emb.user.{f.name}"], _slots(users, f)) for f in schema.user_fields], -1)
-    return users.new_zeros((users.shape[0], 0), dtype=params["mu"].dtype)
+    """(B, Wu) codes -> (B, E * user fields) for mlp; bias_factor reads no user representation
+    (its prior uses the codes directly), so it gets the codes back unchanged."""
+    if config.kind == "mlp":
+        parts = [_pool(params[f"emb.user.{f.name}"], _slots(users, f)) for f in schema.user_fields]
+        return torch.cat(parts, -1) if parts else users.to(params["mu"].dtype)
+    return users
 
 
 def initial_user_params(config: ModelConfig, schema: FeatureSchema, params: Params, users: Tensor) -> Params:
@@ -226,15 +251,14 @@ def predict(
     """Raw scores of one user's items (a rating, or a logit for clicks): (n,).
 
     Called per user inside vmap: `user_params` holds that user's parameters (no batch axis),
-    `user` its representation, `items` its item representations from item_repr.
+    `user` its representation, `items` its item representations from pair_repr.
     Adapted parameters are separate tensors and are never indexed or sliced: indexing a
     per-user tensor inside vmap pins the batch size when the loop is traced for export.
     """
     if config.kind == "bias_factor":
         b, q = items  # (n,), (n, d)
         return params["mu"] + b + user_params["user.bias"] + q @ user_params["user.factors"]
-    (x,) = items  # (n, E * item fields)
-    h = torch.cat([user.expand(x.shape[0], user.shape[-1]), x], dim=-1)
+    (h,) = items  # (n, Du + Di): user and item representations joined by pair_repr
     layers = len(config.hidden) + 1
     for i in range(layers):
         weight = user_params.get(f"mlp.{i}.weight", params[f"mlp.{i}.weight"])

@@ -139,22 +139,22 @@ class ModelSpec(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., learner: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., adapted_parameters: _Optional[_Iterable[str]] = ..., parameter_count: _Optional[int] = ...) -> None: ...
 
 class InnerLoopSpec(_message.Message):
-    __slots__ = ("steps", "learning_rate_kind", "learning_rate_tensors", "normalise_by_support_size", "prior_pull", "gradient_clip_norm", "max_support_trained")
+    __slots__ = ("steps", "learning_rate_kind", "learning_rate_tensors", "normalise_by_support_size", "prior_pull", "max_step_norm", "max_support_trained")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_KIND_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_TENSORS_FIELD_NUMBER: _ClassVar[int]
     NORMALISE_BY_SUPPORT_SIZE_FIELD_NUMBER: _ClassVar[int]
     PRIOR_PULL_FIELD_NUMBER: _ClassVar[int]
-    GRADIENT_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_NORM_FIELD_NUMBER: _ClassVar[int]
     MAX_SUPPORT_TRAINED_FIELD_NUMBER: _ClassVar[int]
     steps: int
     learning_rate_kind: str
     learning_rate_tensors: _containers.RepeatedScalarFieldContainer[str]
     normalise_by_support_size: bool
     prior_pull: bool
-    gradient_clip_norm: float
+    max_step_norm: float
     max_support_trained: int
-    def __init__(self, steps: _Optional[int] = ..., learning_rate_kind: _Optional[str] = ..., learning_rate_tensors: _Optional[_Iterable[str]] = ..., normalise_by_support_size: _Optional[bool] = ..., prior_pull: _Optional[bool] = ..., gradient_clip_norm: _Optional[float] = ..., max_support_trained: _Optional[int] = ...) -> None: ...
+    def __init__(self, steps: _Optional[int] = ..., learning_rate_kind: _Optional[str] = ..., learning_rate_tensors: _Optional[_Iterable[str]] = ..., normalise_by_support_size: _Optional[bool] = ..., prior_pull: _Optional[bool] = ..., max_step_norm: _Optional[float] = ..., max_support_trained: _Optional[int] = ...) -> None: ...
 
 class Dim(_message.Message):
     __slots__ = ("size", "name")
