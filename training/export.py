@@ -198,12 +198,11 @@ def verify(
     return checks
 
 
-def _onnx_export(fused: torch.nn.Module, example: Batch):
+def _onnx_export(program: torch.export.ExportedProgram):
+    """ONNX from the already exported program (one torch.export, not two)."""
     return torch.onnx.export(
-        fused,
-        tuple(example),
+        program,
         dynamo=True,
-        dynamic_shapes=_dynamic_shapes(),
         input_names=list(INPUT_NAMES),
         output_names=list(OUTPUT_NAMES),
         opset_version=ONNX_OPSET,
@@ -351,7 +350,7 @@ def export_artifact(
             raise ExportError("the exported program pins tensors to a device: " + "; ".join(pinned[:5]))
         torch.export.save(program, str(tmp / "model.pt2"))
         with _quiet_exporters():
-            onnx_program = _onnx_export(fused, example)
+            onnx_program = _onnx_export(program)
         onnx_program.save(str(tmp / "model.onnx"))
         checks = verify(adapted, tmp / "model.onnx", program)
         worst = max(max(c.max_abs_diff_onnx, c.max_abs_diff_torch_export) for c in checks)

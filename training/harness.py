@@ -34,7 +34,7 @@ def parse_support_sizes(text: str) -> tuple[int | None, ...]:
         part = part.strip()
         if part == "all":
             sizes.append(None)
-        elif part.isdigit() and int(part) > 0:
+        elif part.isascii() and part.isdigit() and int(part) > 0:
             sizes.append(int(part))
         else:
             raise ValueError(f"support size must be a positive integer or 'all', got {part!r}")

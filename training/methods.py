@@ -258,3 +258,52 @@ def _with_lr(params: M.Params, config: InnerLoopConfig, model_config: M.ModelCon
     for name in model_config.adapted_names():
         out[f"inner.log_lr.{name}"] = torch.tensor(math.log(config.learning_rate))
     return out
+
+
+def _mlp(**overrides) -> M.ModelConfig:
+    return M.ModelConfig(kind="mlp", **overrides)
+
+
+METHOD_HELP = {
+    "global_mean": "mean training label",
+    "item_mean": "item mean shrunk toward the global mean",
+    "bias": "shrunk item mean + ridge user bias fitted on the support set (the reference)",
+    "mlp": "attribute + item-id MLP trained without adaptation",
+    "mlp_finetune": "the same MLP fine-tuned per user with plain SGD (steps and lr tuned)",
+    "mlp_maml": "MLP, MAML (second order) on the decision layers (MeLU-like)",
+    "mlp_fomaml": "MLP, first-order MAML on the decision layers",
+    "mlp_metasgd": "MLP, Meta-SGD on the decision layers",
+    "bf_maml": "bias_factor model, MAML on the user parameters",
+    "bf_fomaml": "bias_factor model, first-order MAML on the user parameters",
+    "bf_metasgd": "bias_factor model, Meta-SGD on the user parameters",
+    "warmstart": "bias_factor model, normalised Meta-SGD with prior pull (the served model)",
+}
+
+
+def make_methods(names: Sequence[str], train_config: TrainConfig, inner_steps: int = 5, progress: bool = False) -> list:
+    """Fresh method instances for the harness, in the given order."""
+    from training.baselines import GlobalMean, ItemMean
+
+    unknown = [n for n in names if n not in METHOD_HELP]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHOD_HELP)}")
+    shared: dict = {}  # the MLP pre-trained once per split for both mlp and mlp_finetune
+    out = []
+    for name in names:
+        if name == "global_mean":
+            out.append(GlobalMean())
+        elif name == "item_mean":
+            out.append(ItemMean())
+        elif name == "bias":
+            out.append(BiasBaseline())
+        elif name in ("mlp", "mlp_finetune"):
+            out.append(FineTuned(name, _mlp(), train_config, tune=name == "mlp_finetune", shared=shared, progress=progress))
+        elif name.startswith("mlp_"):
+            learner = name[len("mlp_") :]
+            out.append(MetaLearned(name, _mlp(), learner_config(learner, inner_steps), train_config, progress=progress))
+        elif name.startswith("bf_"):
+            learner = name[len("bf_") :]
+            out.append(MetaLearned(name, M.ModelConfig(), learner_config(learner, inner_steps, 0.5), train_config, progress=progress))
+        else:  # warmstart
+            out.append(MetaLearned(name, M.ModelConfig(), learner_config("warmstart", inner_steps), train_config, progress=progress))
+    return out

@@ -47,6 +47,7 @@ class ModelConfig:
     attribute_l2: float = 1.0  # L2 weight on attribute biases and factors
     init_scale: float = 0.01  # std of the random initial factors / embeddings
     use_item_id: bool = True  # item-id embedding (with an out-of-vocabulary row for new items)
+    frozen: tuple[str, ...] = ()  # name prefixes of parameters the outer loop leaves at their start
 
     def __post_init__(self) -> None:
         if self.kind not in ("bias_factor", "mlp"):
@@ -59,6 +60,7 @@ class ModelConfig:
             raise ValueError("id_l2, attribute_l2 and init_scale must be >= 0")
         object.__setattr__(self, "hidden", tuple(self.hidden))
         object.__setattr__(self, "adapted", tuple(self.adapted))
+        object.__setattr__(self, "frozen", tuple(self.frozen))
         if self.adapted:
             allowed = set(self._default_adapted())
             unknown = [n for n in self.adapted if n not in allowed]
@@ -82,6 +84,7 @@ class ModelConfig:
         d = dict(d)
         d["hidden"] = tuple(d.get("hidden", (64, 64)))
         d["adapted"] = tuple(d.get("adapted", ()))
+        d["frozen"] = tuple(d.get("frozen", ()))
         return ModelConfig(**d)
 
 
@@ -144,9 +147,10 @@ def init_params(config: ModelConfig, schema: FeatureSchema, stats: DataStats, se
     return params
 
 
-def frozen_names(config: ModelConfig) -> tuple[str, ...]:
-    """Parameters computed from data at initialisation and never trained."""
-    return ("item.base_bias",) if config.kind == "bias_factor" else ()
+def frozen_names(config: ModelConfig, params: Params) -> tuple[str, ...]:
+    """Parameters the outer loop never trains: data-derived bases and configured prefixes."""
+    fixed = {"item.base_bias"} if config.kind == "bias_factor" else set()
+    return tuple(n for n in params if n in fixed or (config.frozen and n.startswith(config.frozen)))
 
 
 def _pool(table: Tensor, codes: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ then exports the best parameters as a new artifact version.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from google.protobuf import json_format
 
 from training import model as M
 from training.dataset import Dataset
@@ -53,6 +55,7 @@ class JobConfig:
 class JobResult:
     export: ExportResult
     train: TrainResult
+    summary: dict  # machine-readable: also inside the artifact as training_summary.json
 
 
 def validation_split(dataset: Dataset, config: JobConfig):
@@ -72,6 +75,44 @@ def validation_split(dataset: Dataset, config: JobConfig):
     return split
 
 
+def validation_evaluation(dataset: Dataset, adapted, catalog, valid_tasks, train: Dataset, sizes) -> pb.EvaluationSummary:
+    """The exported model beside the bias baseline on the validation users, per support size.
+
+    Validation users drove early stopping, so this is a sanity check that ships with the
+    artifact, not the honest estimate: that comes from `training.cli evaluate`.
+    """
+    from training.baselines import BiasBaseline
+    from training.harness import FitContext, support_label
+    from training.metrics import paired_difference_ci
+
+    bias = BiasBaseline()
+    bias.fit(FitContext(dataset=dataset, train=train, valid_tasks=list(valid_tasks), support_sizes=tuple(sizes), split=None))  # type: ignore[arg-type]
+    low, high = dataset.label.min_value, dataset.label.max_value
+    summary = pb.EvaluationSummary(dataset=dataset.name, protocol="validation users of the training job")
+    for k in sizes:
+        tasks = [t.with_support_size(k) for t in valid_tasks]
+        per_method = {}
+        for name, predictions in (("model", adapted.predict(catalog, tasks)), ("bias", bias.predict(tasks))):
+            per_method[name] = np.array([np.mean((np.clip(p, low, high) - t.query_labels) ** 2) for p, t in zip(predictions, tasks)])
+        rmse = {n: float(np.sqrt(v.mean())) for n, v in per_method.items()}
+        _, lo, hi = paired_difference_ci(per_method["model"], per_method["bias"])
+        scale = rmse["model"] + rmse["bias"]
+        for name in ("model", "bias"):
+            summary.metrics.append(
+                pb.MetricValue(
+                    scenario="validation",
+                    support_size=support_label(k),
+                    metric="rmse",
+                    method=name,
+                    value=rmse[name],
+                    ci_low=lo / scale if name == "model" else 0.0,
+                    ci_high=hi / scale if name == "model" else 0.0,
+                    reference="bias",
+                )
+            )
+    return summary
+
+
 def train_and_export(
     dataset: Dataset,
     repository: Path,
@@ -80,7 +121,6 @@ def train_and_export(
     workdir: Path | None = None,
     progress: bool = False,
     version: str | None = None,
-    evaluation: pb.EvaluationSummary | None = None,
 ) -> JobResult:
     """Meta-trains on the dataset and exports a new artifact version into the repository."""
     started = time.perf_counter()
@@ -102,9 +142,9 @@ def train_and_export(
         config.train,
         support_sizes=config.train.validation_support_sizes,
         checkpoint_dir=workdir / "checkpoint" if workdir else None,
-        log_path=workdir / "train_log.jsonl" if workdir else None,
         progress=progress,
     )
+    evaluation = validation_evaluation(dataset, adapted, prep.catalog, valid_tasks, train, config.train.validation_support_sizes)
     info = pb.TrainingInfo(
         dataset=dataset.name,
         dataset_fingerprint=dataset.fingerprint(),
@@ -114,6 +154,26 @@ def train_and_export(
         torch_version=torch.__version__,
         best_validation_loss=result.best_validation_loss if np.isfinite(result.best_validation_loss) else 0.0,
     )
+    summary = {
+        "model_name": model_name,
+        "dataset": dataset.name,
+        "dataset_fingerprint": dataset.fingerprint(),
+        "interactions": len(dataset),
+        "train_users": len(split.train_users),
+        "valid_users": len(valid_tasks),
+        "learner": config.learner,
+        "model": config.model.to_dict(),
+        "inner_loop": config.inner.to_dict(),
+        "train": config.train.to_dict(),
+        "meta_steps": result.steps_done,
+        "best_validation_loss": info.best_validation_loss,
+        "training_wall_time_s": round(result.wall_time_s, 3),
+        "validation": [
+            json_format.MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+            for m in evaluation.metrics
+        ],
+    }
+    history = "".join(json.dumps(entry) + "\n" for entry in result.history)
     exported = export_artifact(
         adapted,
         prep.catalog,
@@ -124,5 +184,62 @@ def train_and_export(
         evaluation=evaluation,
         training=info,
         max_support_trained=config.train.episodes.support_cap,
+        extra_files={
+            "training_summary.json": (json.dumps(summary, indent=1) + "\n").encode(),
+            "training_log.jsonl": history.encode(),
+        },
     )
-    return JobResult(exported, result)
+    summary["artifact"] = str(exported.path)
+    summary["model_version"] = exported.manifest.model_version
+    summary["export_wall_time_s"] = round(exported.wall_time_s, 3)
+    summary["total_wall_time_s"] = round(time.perf_counter() - started, 3)
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "job_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return JobResult(exported, result, summary)
+
+
+def export_checkpoint(
+    checkpoint_dir: Path, dataset: Dataset, repository: Path, model_name: str, version: str | None = None, learner: str = ""
+) -> ExportResult:
+    """Exports the best parameters of a (finished or interrupted) training checkpoint.
+
+    The checkpoint carries its model, inner-loop and feature configuration; the dataset
+    supplies the item catalog (and must be the one the checkpoint was trained on).
+    """
+    from training.batching import EncodedCatalog
+    from training.features import FeatureSchema
+    from training.trainer import AdaptedModel, read_checkpoint
+    from training.dataset import LabelSpec
+
+    if not (checkpoint_dir / "checkpoint.json").exists():
+        raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint.json (is this a training run's checkpoint directory?)")
+    meta, params = read_checkpoint(checkpoint_dir)
+    label = LabelSpec(**meta["label"])
+    if label != dataset.label:
+        raise ValueError(f"checkpoint labels are {label}, the dataset's are {dataset.label}")
+    schema = FeatureSchema.from_dict(meta["schema"])
+    adapted = AdaptedModel(
+        M.ModelConfig.from_dict(meta["model_config"]),
+        InnerLoopConfig.from_dict(meta["inner_config"]),
+        schema,
+        label,
+        params,
+    )
+    info = pb.TrainingInfo(
+        dataset=dataset.name,
+        meta_steps=meta["step"],
+        seed=meta["train_config"]["seed"],
+        torch_version=meta.get("torch_version", ""),
+        best_validation_loss=meta["best_loss"] or 0.0,
+    )
+    return export_artifact(
+        adapted,
+        EncodedCatalog(schema, dataset),
+        repository,
+        model_name,
+        version=version,
+        learner=learner,
+        training=info,
+        max_support_trained=meta["train_config"]["episodes"]["support_cap"],
+    )

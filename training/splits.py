@@ -190,9 +190,9 @@ def make_splits(dataset: Dataset, protocol: Protocol) -> list[Split]:
         fold_rng = np.random.default_rng([protocol.seed, f])
         n_valid = max(1, int(round(len(rest) * protocol.valid_fraction)))
         valid = sorted(rest[i] for i in fold_rng.permutation(len(rest))[:n_valid])
-        held = set(valid)
-        if protocol.scenario != "new_items":
-            held |= set(test)
+        # new_items evaluates known users: validation and test users keep their old-item
+        # interactions in training (only new items are withheld, by training_rows).
+        held = set() if protocol.scenario == "new_items" else set(valid) | set(test)
         train = [u for u in all_users if u not in held]
         splits.append(
             Split(

@@ -176,7 +176,7 @@ class MetaTrainer:
         params = dict(initial_params)
         params.update(init_inner_params(model_config, inner_config, params))
         self.params = {k: v.detach().clone().float() for k, v in params.items()}
-        frozen = set(M.frozen_names(model_config))
+        frozen = set(M.frozen_names(model_config, self.params))
         inner = set(trainable_inner_names(inner_config, self.params))
         self.trainable = [n for n in self.params if n not in frozen and (not n.startswith("inner.") or n in inner)]
         for name in self.trainable:

@@ -1,0 +1,186 @@
+"""Export: the artifact is self-describing, its three implementations agree, and a failed
+or interrupted export writes nothing a server could load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import json_format
+from safetensors.torch import load_file
+
+from training import export as E
+from training import model as M
+from training.dataset import LabelSpec
+from training.features import FeatureSchema, Field
+from training.inner_loop import InnerLoopConfig
+from training.trainer import AdaptedModel
+from warmstart.v1 import manifest_pb2 as pb
+
+
+def read_manifest(artifact: Path) -> pb.ArtifactManifest:
+    return json_format.Parse((artifact / "manifest.json").read_text(), pb.ArtifactManifest())
+
+
+def model_from_artifact(artifact: Path) -> AdaptedModel:
+    """Training's own inner loop, rebuilt from nothing but the artifact's files."""
+    manifest = read_manifest(artifact)
+    fields = []
+    for f in manifest.feature_schema.fields:
+        vocabulary = tuple(f.vocabulary) or tuple((artifact / f.vocabulary_file).read_text().splitlines())
+        fields.append(Field(f.name, "user" if f.side == pb.USER else "item", f.multi_valued, f.width, f.offset, vocabulary))
+    schema = FeatureSchema(tuple(f for f in fields if f.side == "user"), tuple(f for f in fields if f.side == "item"))
+    hyper = {k: json.loads(v) for k, v in manifest.model.hyperparameters.items()}
+    loop = manifest.inner_loop
+    inner = InnerLoopConfig(
+        steps=loop.steps,
+        learning_rate_kind=loop.learning_rate_kind,
+        normalise_by_support_size=loop.normalise_by_support_size,
+        prior_pull=loop.prior_pull,
+        max_step_norm=loop.max_step_norm,
+    )
+    label = LabelSpec("rating" if manifest.label.kind == pb.RATING else "click", manifest.label.min_value, manifest.label.max_value)
+    params = load_file(str(artifact / "init.safetensors"))
+    return AdaptedModel(M.ModelConfig.from_dict(hyper), inner, schema, label, params)
+
+
+def test_artifact_layout_and_manifest(tiny_artifact):
+    manifest = read_manifest(tiny_artifact)
+    assert manifest.schema_version == pb.MANIFEST_SCHEMA_V1
+    assert (manifest.model_name, manifest.model_version) == ("tiny", "1")
+    listed = {f.path for f in manifest.files}
+    on_disk = {p.relative_to(tiny_artifact).as_posix() for p in tiny_artifact.rglob("*") if p.is_file()}
+    assert listed == on_disk - {"manifest.json"}
+    assert {"init.safetensors", "model.onnx", "model.pt2", "catalog.safetensors", "catalog_items.txt"} <= listed
+    assert {"training_summary.json", "training_log.jsonl"} <= listed
+    for entry in manifest.files:
+        assert E.sha256_file(tiny_artifact / entry.path) == entry.sha256
+        assert (tiny_artifact / entry.path).stat().st_size == entry.size_bytes
+    assert [i.name for i in manifest.graph.inputs] == list(E.INPUT_NAMES)
+    assert [o.name for o in manifest.graph.outputs] == list(E.OUTPUT_NAMES)
+    assert len(manifest.export_checks) >= 4
+    assert all(c.max_abs_diff_onnx <= 1e-4 and c.max_abs_diff_torch_export <= 1e-4 for c in manifest.export_checks)
+    assert manifest.inner_loop.steps == 5 and manifest.model.adapted_parameters == ["user.bias", "user.factors"]
+    assert {m.method for m in manifest.evaluation.metrics} == {"model", "bias"}
+
+
+def test_manifest_round_trips(tiny_artifact):
+    manifest = read_manifest(tiny_artifact)
+    assert pb.ArtifactManifest.FromString(manifest.SerializeToString()) == manifest
+    again = json_format.Parse(json_format.MessageToJson(manifest), pb.ArtifactManifest())
+    assert again == manifest
+
+
+def test_catalog_matches_the_vocabulary(tiny_artifact):
+    manifest = read_manifest(tiny_artifact)
+    ids = (tiny_artifact / "catalog_items.txt").read_text().splitlines()
+    codes = load_file(str(tiny_artifact / "catalog.safetensors"))["item_features"]
+    assert codes.shape == (manifest.catalog.size, manifest.feature_schema.item_width) and len(ids) == codes.shape[0]
+    id_field = next(f for f in manifest.feature_schema.fields if f.name == manifest.feature_schema.item_id_field)
+    vocabulary = list(id_field.vocabulary)
+    for row, item in enumerate(ids):
+        expected = vocabulary.index(item) + 2 if item in vocabulary else 1
+        assert int(codes[row, id_field.offset]) == expected
+
+
+@pytest.mark.parametrize("shape", [E.CheckShape(1, 1, 3, False), E.CheckShape(7, 13, 41, True), E.CheckShape(2, 64, 5, True), E.CheckShape(33, 2, 300, True)])
+def test_onnx_torch_export_and_training_agree_on_fresh_shapes(tiny_artifact, shape):
+    reference_model = model_from_artifact(tiny_artifact)
+    session = ort.InferenceSession(str(tiny_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    program = torch.export.load(str(tiny_artifact / "model.pt2")).module()
+    batch = E.random_batch(reference_model.schema, shape, np.random.default_rng(shape.batch * 1000 + shape.query), reference_model.label)
+    with torch.no_grad():
+        reference = [t.numpy() for t in reference_model.forward(batch)]
+        exported = [t.numpy() for t in program(*batch)]
+    from_onnx = session.run(list(E.OUTPUT_NAMES), {n: t.numpy() for n, t in zip(E.INPUT_NAMES, batch)})
+    for ref, a, b in zip(reference, from_onnx, exported):
+        assert ref.shape == a.shape == b.shape
+        np.testing.assert_allclose(a, ref, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(b, ref, atol=1e-4, rtol=0)
+    scores = from_onnx[0]
+    assert scores.min() >= 1.0 and scores.max() <= 5.0  # label units, clamped to the rating range
+
+
+def test_onnx_dimensions_are_dynamic_and_widths_static(tiny_artifact):
+    manifest = read_manifest(tiny_artifact)
+    graph = onnx.load(str(tiny_artifact / "model.onnx")).graph
+    for tensor, spec in zip(graph.input, manifest.graph.inputs):
+        dims = tensor.type.tensor_type.shape.dim
+        assert len(dims) == len(spec.shape)
+        for dim, want in zip(dims, spec.shape):
+            if want.WhichOneof("value") == "size":
+                assert dim.dim_value == want.size
+            else:
+                assert dim.dim_param and not dim.dim_value
+
+
+def test_exported_program_pins_no_device(tiny_artifact):
+    assert E.device_pinned_nodes(torch.export.load(str(tiny_artifact / "model.pt2"))) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_artifact):
+    """The tiny artifact's model and a catalog to re-export it with."""
+    from training.batching import EncodedCatalog
+    from training.synthetic import generate_synthetic
+
+    model = model_from_artifact(tiny_artifact)
+    return model, EncodedCatalog(model.schema, generate_synthetic(seed=3, n_users=240, n_items=150))
+
+
+def test_an_interrupted_export_leaves_no_version(tiny_model, tmp_path):
+    model, catalog = tiny_model
+
+    def crash(partial: Path) -> None:
+        assert (partial / "manifest.json").exists()  # everything was written ...
+        raise KeyboardInterrupt  # ... and the process dies before the rename
+
+    with pytest.raises(KeyboardInterrupt):
+        E.export_artifact(model, catalog, tmp_path, "m", version="1", before_rename=crash)
+    assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_export_refuses_when_engines_disagree_and_writes_nothing(tiny_model, tmp_path, monkeypatch):
+    model, catalog = tiny_model
+    real_verify = E.verify
+
+    def skewed(*args, **kwargs):
+        checks = real_verify(*args, **kwargs)
+        checks[1].max_abs_diff_onnx = 3e-3
+        return checks
+
+    monkeypatch.setattr(E, "verify", skewed)
+    with pytest.raises(E.ExportError, match=r"disagree by up to 3\.00e-03"):
+        E.export_artifact(model, catalog, tmp_path, "m", version="1")
+    assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_export_refuses_an_existing_version_and_bad_names(tiny_artifact, tiny_model):
+    model, catalog = tiny_model
+    repository = tiny_artifact.parent.parent
+    with pytest.raises(E.ExportError, match="immutable"):
+        E.export_artifact(model, catalog, repository, "tiny", version="1")
+    with pytest.raises(E.ExportError, match="model name"):
+        E.export_artifact(model, catalog, repository, "../evil", version="1")
+
+
+def test_next_version_counts_up(tmp_path):
+    assert E.next_version(tmp_path / "absent") == "1"
+    for name in ("1", "2", "10", ".3.partial-x", "notes"):
+        (tmp_path / name).mkdir()
+    assert E.next_version(tmp_path) == "11"
+
+
+def test_large_vocabularies_go_to_files(tmp_path):
+    values = tuple(f"v{i:05d}" for i in range(E.INLINE_VOCABULARY_MAX + 1))
+    schema = FeatureSchema((), (Field("item_id", "item", False, 1, 0, values),))
+    spec = E._feature_schema(schema, tmp_path)
+    field = spec.fields[0]
+    assert not field.vocabulary and field.vocabulary_file == "vocab/item.item_id.txt"
+    assert tuple((tmp_path / field.vocabulary_file).read_text().splitlines()) == values
+    assert field.vocabulary_size == len(values)

@@ -1,0 +1,334 @@
+"""warmstart-train: build splits, evaluate methods, meta-train and export models.
+
+    python -m training.cli splits    --dataset ml-100k --path ../shared/data/ml-100k --out runs/splits
+    python -m training.cli evaluate  --dataset ml-100k --path ../shared/data/ml-100k --out runs/eval
+    python -m training.cli train     --dataset synthetic --repository models --name warmstart
+    python -m training.cli export    --checkpoint models/.work/warmstart/checkpoint --repository models
+
+Every command exits 0 on success and non-zero with one clear line on stderr on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Sequence
+
+from training.dataset import DataError, Dataset, LabelSpec
+
+log = logging.getLogger("training")
+
+DEFAULT_METHODS = "global_mean,item_mean,bias,mlp,mlp_finetune,mlp_maml,mlp_fomaml,mlp_metasgd,warmstart"
+
+
+class UsageError(Exception):
+    """A bad command line: reported as one line, exit code 2."""
+
+
+# -- dataset options shared by every command -----------------------------------------------------
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        default="synthetic",
+        choices=("synthetic", "ml-100k", "ml-1m", "ml-latest", "generic"),
+        help="format of the data (default: synthetic, generated, needs no download)",
+    )
+    group.add_argument("--path", type=Path, help="dataset directory (MovieLens) or interactions CSV / directory (generic)")
+    group.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic generator")
+    group.add_argument("--synthetic-users", type=int, default=1200, help="users the synthetic generator makes")
+    group.add_argument("--synthetic-items", type=int, default=600, help="items the synthetic generator makes")
+    group.add_argument("--label-kind", choices=("rating", "click"), default="rating", help="generic: what a label is")
+    group.add_argument("--label-min", type=float, default=1.0, help="generic ratings: lowest rating")
+    group.add_argument("--label-max", type=float, default=5.0, help="generic ratings: highest rating")
+    group.add_argument("--users-csv", type=Path, help="generic: user attributes CSV (user,<field>...)")
+    group.add_argument("--items-csv", type=Path, help="generic: item attributes CSV (item,<field>...)")
+    group.add_argument("--multi-valued", default="", help="generic: comma-separated attribute fields holding several values joined by '|'")
+
+
+def load_from_args(args: argparse.Namespace) -> Dataset:
+    from training.data import load_dataset, load_generic
+
+    if args.dataset == "synthetic":
+        if args.path is not None:
+            raise UsageError("--path is not used with --dataset synthetic")
+        return load_dataset(
+            "synthetic", seed=args.synthetic_seed, n_users=args.synthetic_users, n_items=args.synthetic_items
+        )
+    if args.path is None:
+        raise UsageError(f"--dataset {args.dataset} needs --path")
+    if args.dataset == "generic":
+        label = LabelSpec.click() if args.label_kind == "click" else LabelSpec("rating", args.label_min, args.label_max)
+        options: dict = {"label": label, "multi_valued": [f for f in args.multi_valued.split(",") if f]}
+        if args.users_csv:
+            options["user_attributes_csv"] = args.users_csv
+        if args.items_csv:
+            options["item_attributes_csv"] = args.items_csv
+        return load_dataset("generic", args.path, **options)
+    return load_dataset(args.dataset, args.path)
+
+
+# -- model / training options --------------------------------------------------------------------
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("meta-training")
+    group.add_argument("--meta-steps", type=int, default=3000, help="most meta-steps (early stopping usually ends sooner)")
+    group.add_argument("--meta-batch-size", type=int, default=32, help="users per meta-step")
+    group.add_argument("--outer-lr", type=float, default=None, help="Adam learning rate of the outer loop")
+    group.add_argument("--inner-steps", type=int, default=5, help="gradient steps per user (fixed in the served graph)")
+    group.add_argument("--eval-every", type=int, default=100, help="meta-steps between validation evaluations")
+    group.add_argument("--patience", type=int, default=8, help="evaluations without improvement before stopping (0 = never)")
+    group.add_argument("--seed", type=int, default=0, help="seed of splits, initialisation and episode sampling")
+    group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_config_from(args: argparse.Namespace):
+    from training.trainer import TrainConfig
+
+    values = {
+        "meta_steps": args.meta_steps,
+        "meta_batch_size": args.meta_batch_size,
+        "eval_every": args.eval_every,
+        "patience": args.patience,
+        "seed": args.seed,
+    }
+    if args.outer_lr is not None:
+        values["outer_lr"] = args.outer_lr
+    return TrainConfig(**values)
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_splits(args: argparse.Namespace) -> int:
+    from training.splits import Protocol, load_or_make_splits
+
+    dataset = load_from_args(args)
+    for scenario in _scenarios(args.scenario):
+        protocol = _protocol(args, scenario)
+        directory = args.out / f"{dataset.name}-{scenario}-seed{args.seed}"
+        splits = load_or_make_splits(dataset, protocol, directory)
+        sizes = ", ".join(f"fold {s.fold}: {len(s.test_users)} test" for s in splits)
+        print(f"{directory}: {sizes}")
+    return 0
+
+
+def _scenarios(text: str) -> list[str]:
+    from training.splits import SCENARIOS
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in SCENARIOS]
+    if bad or not names:
+        raise UsageError(f"--scenario: choose from {', '.join(SCENARIOS)} (got {text!r})")
+    return names
+
+
+def _protocol(args: argparse.Namespace, scenario: str):
+    from training.splits import Protocol
+
+    return Protocol(
+        scenario=scenario,  # type: ignore[arg-type]
+        min_interactions=args.min_interactions,
+        max_interactions=args.max_interactions,
+        query_size=args.query_size,
+        folds=args.folds,
+        seed=args.seed,
+    )
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation protocol")
+    group.add_argument("--scenario", default="new_users", help="comma-separated: new_users, new_items, new_users_items")
+    group.add_argument("--folds", type=int, default=5, help="user folds (each is the test set once)")
+    group.add_argument("--min-interactions", type=int, default=13, help="evaluate users with at least this many")
+    group.add_argument("--max-interactions", type=int, default=100, help="... and at most this many (heavier users only train)")
+    group.add_argument("--query-size", type=int, default=10, help="each test user's last N interactions are the query")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.harness import evaluate, parse_support_sizes
+    from training.methods import make_methods
+    from training.report import write_report
+    from training.splits import load_or_make_splits
+
+    _set_threads(args)
+    dataset = load_from_args(args)
+    sizes = parse_support_sizes(args.support_sizes)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.reference not in names:
+        raise UsageError(f"--reference {args.reference} must be one of --methods")
+    train_config = train_config_from(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    try:
+        folds = [int(f) for f in args.only_folds.split(",")] if args.only_folds else None
+    except ValueError:
+        raise UsageError(f"--only-folds takes comma-separated fold numbers, got {args.only_folds!r}") from None
+    for scenario in _scenarios(args.scenario):
+        protocol = _protocol(args, scenario)
+        splits = load_or_make_splits(dataset, protocol, args.out / "splits" / f"{dataset.name}-{scenario}-seed{args.seed}")
+        if folds is not None:
+            splits = [s for s in splits if s.fold in folds]
+        bar = _bar(len(splits) * len(names), f"evaluating {scenario}", enabled=not args.no_progress)
+        rows += evaluate(
+            dataset,
+            splits,
+            lambda: make_methods(names, train_config, args.inner_steps),
+            sizes,
+            progress=(lambda message: (bar.update(1), bar.set_postfix_str(message))) if bar else None,
+        )
+        if bar:
+            bar.close()
+    with (args.out / "results.jsonl").open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    elapsed = time.perf_counter() - started
+    notes = (
+        f"Dataset `{dataset.name}` ({len(dataset)} interactions, fingerprint `{dataset.fingerprint()[:12]}`); "
+        f"protocol seed {args.seed}, {args.folds} folds, users with {args.min_interactions}-{args.max_interactions} "
+        f"interactions, query = last {args.query_size}; meta-training {asdict(train_config)}; "
+        f"wall time {elapsed:.0f} s."
+    )
+    report = write_report(rows, args.out, reference=args.reference, title=f"warmstart evaluation: {dataset.name}", notes=notes)
+    print(f"report: {report}")
+    return 0
+
+
+def _bar(total: int, description: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="fit", dynamic_ncols=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training import model as M
+    from training.methods import learner_config
+    from training.pipeline import JobConfig, train_and_export
+
+    _set_threads(args)
+    dataset = load_from_args(args)
+    config = JobConfig(
+        model=M.ModelConfig(kind=args.model, factors=args.factors),  # type: ignore[arg-type]
+        learner=args.learner,
+        inner=learner_config(args.learner, steps=args.inner_steps),
+        train=train_config_from(args),
+    )
+    workdir = args.workdir or (args.repository / ".work" / args.name)
+    result = train_and_export(
+        dataset, args.repository, args.name, config, workdir=workdir, progress=not args.no_progress, version=args.version
+    )
+    if args.pushgateway:
+        from training.ops import push_summary
+
+        push_summary(args.pushgateway, args.name, result.summary)
+    print(f"artifact: {result.export.path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.pipeline import export_checkpoint
+
+    dataset = load_from_args(args)
+    result = export_checkpoint(args.checkpoint, dataset, args.repository, args.name, version=args.version)
+    print(f"artifact: {result.path}")
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="warmstart-train",
+        description="Offline side of warmstart: evaluate cold-start methods honestly, meta-train a "
+        "user-preference model, and export it as an artifact the service can load.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every validation evaluation")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("splits", help="build (or check) the seeded cold-start splits and write them to disk")
+    add_dataset_arguments(p)
+    add_protocol_arguments(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the user folds")
+    p.add_argument("--out", type=Path, default=Path("runs/splits"), help="where split files go")
+    p.set_defaults(func=cmd_splits)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="run baselines and meta-learners on the cold-start splits; write a Markdown report with plots",
+    )
+    add_dataset_arguments(p)
+    add_protocol_arguments(p)
+    add_training_arguments(p)
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
+    p.add_argument("--reference", default="bias", help="method every other is compared with (paired 95%% CI)")
+    p.add_argument("--support-sizes", default="1,3,5,10,20,all", help="support sizes K to evaluate at")
+    p.add_argument("--only-folds", default="", help="comma-separated folds to run (default: all)")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report directory")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="meta-train on all users (a validation share stops early) and export an artifact")
+    add_dataset_arguments(p)
+    add_training_arguments(p)
+    p.add_argument("--repository", type=Path, default=Path("models"), help="model repository (artifacts go to <repository>/<name>/<version>)")
+    p.add_argument("--name", default="warmstart", help="model name")
+    p.add_argument("--version", default=None, help="version to write (default: one above the highest present)")
+    p.add_argument("--model", choices=("bias_factor", "mlp"), default="bias_factor", help="model structure")
+    p.add_argument("--factors", type=int, default=32, help="bias_factor: factor dimension")
+    p.add_argument(
+        "--learner", choices=("warmstart", "maml", "fomaml", "metasgd", "none"), default="warmstart", help="meta-learner"
+    )
+    p.add_argument("--workdir", type=Path, default=None, help="checkpoints and logs (default: <repository>/.work/<name>); a rerun resumes")
+    p.add_argument("--pushgateway", default=None, help="Prometheus Pushgateway URL to push the job's summary to")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a training checkpoint (a finished or interrupted run) as an artifact")
+    add_dataset_arguments(p)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory of a training run")
+    p.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
+    p.add_argument("--name", default="warmstart", help="model name")
+    p.add_argument("--version", default=None, help="version to write (default: one above the highest present)")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("training").setLevel(logging.INFO)
+        logging.getLogger("training.trainer").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except UsageError as error:
+        parser.error(str(error))
+    except (DataError, ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"warmstart-train {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"warmstart-train {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the job must fail loudly and clearly, with the detail in the log
+        log.exception("unexpected failure")
+        print(f"warmstart-train {args.command}: failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
