@@ -9,15 +9,17 @@ Step t, adapted parameter k (all per user):
 
     objective(theta) = sum_j m_j * loss(score_j(theta), y_j)
                        + sum_k pull_k * ||theta_k - theta_0k||^2      (if prior_pull)
-    update_k = lr_k[t] / D * grad_k objective(theta)
-    D = max(n + c, 1) if normalise_by_support_size else max(n, 1)     (n = support size)
+    update_k = lr_k[t] / D_k * grad_k objective(theta)
+    D_k = max(n + c_k, 1) if normalise_by_support_size else max(n, 1)  (n = support size)
     theta_k <- theta_k - update_k * min(1, max_step_norm / ||update||)
 
 With D = n the data term is the mean loss, which is MAML's and Meta-SGD's usual form.
-With D = n + c (c learned) and a pull toward theta_0 the step is a normalised, damped
-Newton-like step: for the user bias alone, lr = 1/2 and c = pull = lambda make one step
-land exactly on the ridge estimate sum(residual) / (n + lambda), whatever n is. That is
-what keeps thousands of interactions from blowing the step up. The update-norm clip is
+With D = n + c (c learned, per coordinate) and a pull toward theta_0 the step is a
+normalised, damped, diagonal Newton-like step: for the user bias alone, lr = 1/2 and
+c = pull = lambda make one step land exactly on the ridge estimate
+sum(residual) / (n + lambda), whatever n is; for a factor coordinate whose item values
+have second moment s, lr = 1/(2 s) and c = lambda / s do the same for the diagonal of
+the ridge system. That is what keeps thousands of interactions from blowing the step up. The update-norm clip is
 the last guard: no support set can make the scores non-finite.
 
 Second-order MAML falls out of ordinary autograd through this function (torch.func.grad
@@ -52,7 +54,7 @@ class InnerLoopConfig:
     learning_rate_kind: LearningRateKind = "per_parameter"  # one lr, one per coordinate, or per step too
     learn_learning_rate: bool = True  # Meta-SGD: learn the step sizes in the outer loop
     normalise_by_support_size: bool = True  # divide steps by (n + c) with c learned, not by n
-    support_offset: float = 5.0  # initial c
+    support_offset: float = 5.0  # initial c (per coordinate when learning_rate_kind is not scalar)
     prior_pull: bool = True  # learned pull back toward theta_0 (ridge in the inner objective)
     prior_pull_init: float = 5.0  # initial pull weight per coordinate
     max_step_norm: float = 2.0  # clip each user's update per step to this L2 norm; 0 = no clip
@@ -113,8 +115,8 @@ def init_inner_params(
             out[f"{INNER_PREFIX}log_pull.{name}"] = torch.full(
                 tuple(params_shape(model_config, params, name)), math.log(config.prior_pull_init)
             )
-    if config.normalise_by_support_size:
-        out[f"{INNER_PREFIX}log_offset"] = torch.tensor(math.log(config.support_offset))
+        if config.normalise_by_support_size:
+            out[f"{INNER_PREFIX}log_offset.{name}"] = torch.full(shape, math.log(config.support_offset))
     return out
 
 
@@ -150,14 +152,15 @@ def inner_steps(
     data_loss: Callable[[M.Params], Tensor],
     theta0: M.Params,
     learning_rates: Mapping[str, Sequence[Tensor]],
-    denominator: Tensor,
+    denominator: Tensor | Mapping[str, Tensor],
     config: InnerLoopConfig,
     pulls: Mapping[str, Tensor] | None = None,
 ) -> M.Params:
     """`config.steps` clipped, normalised gradient steps on one user's objective.
 
     `data_loss(theta)` is the summed support loss; `learning_rates[name]` holds one step
-    size per step (per_step) or a single one; `denominator` is D of the module docstring.
+    size per step (per_step) or a single one; `denominator` is D of the module docstring
+    (one for all parameters, or one per parameter).
     """
     pulls = pulls or {}
 
@@ -177,7 +180,8 @@ def inner_steps(
         updates = {}
         for name, value in g.items():
             rates = learning_rates[name]
-            updates[name] = rates[step if len(rates) > 1 else 0] * value / denominator
+            d = denominator[name] if isinstance(denominator, Mapping) else denominator
+            updates[name] = rates[step if len(rates) > 1 else 0] * value / d
         if config.max_step_norm > 0:
             # The epsilon keeps sqrt differentiable at a zero update (an empty support set).
             norm = torch.sqrt(sum((u * u).sum() for u in updates.values()) + 1e-12)
@@ -204,7 +208,11 @@ def adapt_and_score(
 
     pulls = {n: torch.exp(params[f"{INNER_PREFIX}log_pull.{n}"]) for n in adapted_names} if config.prior_pull else {}
     learning_rates = {n: [torch.exp(params[lr]) for lr in _lr_names(n, config)] for n in adapted_names}
-    offset = torch.exp(params[f"{INNER_PREFIX}log_offset"]) if config.normalise_by_support_size else None
+    offsets = (
+        {n: torch.exp(params[f"{INNER_PREFIX}log_offset.{n}"]) for n in adapted_names}
+        if config.normalise_by_support_size
+        else {}
+    )
 
     def per_user(start_u: M.Params, user: Tensor, s_items, labels: Tensor, mask: Tensor, q_items):
         theta0 = {n: start_u[n] for n in adapted_names}
@@ -215,8 +223,8 @@ def adapt_and_score(
             return (support_loss_terms(loss_kind, scores, labels) * mask).sum()
 
         n_support = mask.sum()
-        denominator = (n_support + offset if offset is not None else n_support).clamp(min=1.0)
-        theta = inner_steps(data_loss, theta0, learning_rates, denominator, config, pulls)
+        denominators = {n: (n_support + offsets[n] if offsets else n_support).clamp(min=1.0) for n in adapted_names}
+        theta = inner_steps(data_loss, theta0, learning_rates, denominators, config, pulls)
         before = data_loss(theta0) / n_support.clamp(min=1.0)
         after = data_loss(theta) / n_support.clamp(min=1.0)
         scores = M.predict(model_config, params, {**fixed, **theta}, user, q_items)

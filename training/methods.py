@@ -72,14 +72,29 @@ def logit(p: float) -> float:
 
 
 @dataclass
+class EpisodeSource:
+    """Training users to cut episodes from, and the item side to score them with.
+
+    With cross-fitting there are two: each half of the training users is scored by an item
+    side fitted on the other half only, so a user's own query ratings never shaped the item
+    biases and factors the inner loop adapts against (as at serving time, for new users).
+    """
+
+    sampler: EpisodeSampler
+    item_params: M.Params  # overrides for the frozen item-side parameters
+
+
+@dataclass
 class Prepared:
     """Everything a meta-training run needs, derived from training data only."""
 
     schema: FeatureSchema
     catalog: EncodedCatalog
-    sampler: EpisodeSampler
-    stats: M.DataStats
+    sampler: EpisodeSampler  # every training user, with the full item side
+    stats: M.DataStats  # the full item side: what is served
     user_shrinkage: float  # the bias baseline's tuned ridge weight: the inner loop's starting point
+    factor_moment: np.ndarray | None = None  # per-coordinate second moment of the starting item factors
+    sources: list[EpisodeSource] = field(default_factory=list)  # cross-fitted halves (empty: none)
 
 
 def prepare(
@@ -90,31 +105,149 @@ def prepare(
     train_config: TrainConfig,
     support_sizes: Sequence[int | None],
 ) -> Prepared:
-    """Schema, encoded catalog, episode sampler and data statistics for one training set.
+    """Schema, encoded catalog, episode sampler(s) and the item side for one training set.
 
-    The tuned bias baseline supplies the starting point: item base biases are its shrunk
-    item means and its user shrinkage seeds the inner loop's offset and pull.
+    The tuned bias baseline supplies the starting point: its shrinkages set the item base
+    biases and seed the inner loop's offset and pull. For the bias_factor model with a
+    frozen item side, episodes are cross-fitted (see EpisodeSource).
     """
     schema = build_schema(dataset, np.unique(train.item_ids), use_item_id=model_config.use_item_id)
     catalog = EncodedCatalog(schema, dataset)
-    sampler = EpisodeSampler(catalog, train, train_config.episodes)
     bias = BiasBaseline()
     bias.fit(_bias_context(dataset, train, valid_tasks, support_sizes))
-    stats = bias.stats
-    assert stats is not None
+    user_shrinkage = max(bias.user_shrinkage, 0.5)
+    stats, moment = item_side(dataset, train, schema, catalog, bias.item_shrinkage, user_shrinkage, model_config)
+    prepared = Prepared(schema, catalog, EpisodeSampler(catalog, train, train_config.episodes), stats, user_shrinkage, moment)
+    if model_config.kind == "bias_factor" and model_config.cross_fit and _item_side_frozen(model_config):
+        users = np.unique(train.user_ids)
+        halves = np.random.default_rng([train_config.seed, 7]).permutation(len(users)) % 2
+        for half in (0, 1):
+            own = set(users[halves == half].tolist())
+            is_own = np.fromiter((u in own for u in train.user_ids), bool, len(train))
+            other_stats, _ = item_side(dataset, train.subset(~is_own), schema, catalog, bias.item_shrinkage, user_shrinkage, model_config)
+            other = M.init_params(model_config, schema, other_stats, seed=train_config.seed)
+            prepared.sources.append(
+                EpisodeSource(
+                    EpisodeSampler(catalog, train.subset(is_own), train_config.episodes),
+                    {k: v for k, v in other.items() if k.startswith("item.")},
+                )
+            )
+    return prepared
+
+
+def _item_side_frozen(config: M.ModelConfig) -> bool:
+    return any("item.".startswith(prefix) for prefix in config.frozen)
+
+
+def item_side(
+    dataset: Dataset,
+    train: Dataset,
+    schema: FeatureSchema,
+    catalog: EncodedCatalog,
+    item_shrinkage: float,
+    user_shrinkage: float,
+    config: M.ModelConfig,
+) -> tuple[M.DataStats, np.ndarray | None]:
+    """The item side fitted on `train`: base biases, ALS factors, attribute tables."""
+    stats = ItemStats.of(train)
     id_field = schema.item_id_field
     base = torch.zeros(id_field.num_codes if id_field is not None else 0)
     mean = stats.mean
+    if dataset.label.kind == "click":
+        mean = logit(stats.mean)
     if id_field is not None:
-        items = list(id_field.vocabulary)
-        shrunk = stats.shrunk_means(items, bias.item_shrinkage)
+        shrunk = stats.shrunk_means(list(id_field.vocabulary), item_shrinkage)
         if dataset.label.kind == "click":
-            mean = logit(stats.mean)
             shrunk = np.array([logit(p) for p in shrunk])
         base[2:] = torch.from_numpy(shrunk - mean).float()
-    elif dataset.label.kind == "click":
-        mean = logit(stats.mean)
-    return Prepared(schema, catalog, sampler, M.DataStats(mean, base, len(train)), max(bias.user_shrinkage, 0.5))
+    data_stats = M.DataStats(mean, base, len(train))
+    moment = None
+    if config.kind == "bias_factor" and config.factor_init == "als" and id_field is not None and dataset.label.kind == "rating":
+        factors, moment = _als_start(train, stats, item_shrinkage, user_shrinkage, id_field, config)
+        data_stats.item_factors = factors
+        _attribute_start(data_stats, schema, catalog, stats, item_shrinkage, config)
+    return data_stats, moment
+
+
+def _als_start(train: Dataset, stats: ItemStats, item_shrinkage: float, user_shrinkage: float, id_field, config: M.ModelConfig):
+    """Item-id factors from ALS on what the bias baseline leaves unexplained (see factor_init)."""
+    from training.factor_init import als_item_factors
+
+    item_prediction = stats.shrunk_means(train.item_ids, item_shrinkage)
+    residual = train.labels - item_prediction
+    users, index = np.unique(train.user_ids, return_inverse=True)
+    sums = np.bincount(index, weights=residual, minlength=len(users))
+    counts = np.bincount(index, minlength=len(users))
+    residual = residual - (sums / (counts + user_shrinkage))[index]
+    result = als_item_factors(train.user_ids, train.item_ids, residual, config.factors, config.als_l2, seed=0)
+    table = torch.zeros(id_field.num_codes, config.factors)
+    for code, item in enumerate(id_field.vocabulary, start=2):
+        if item in result.item_factors:
+            table[code] = torch.from_numpy(result.item_factors[item]).float()
+    return table, np.maximum(result.second_moment, 1e-4)
+
+
+ATTRIBUTE_PRIOR_MAX_COLUMNS = 4000  # above this the normal equations get too large to solve here
+
+
+def _attribute_start(data: M.DataStats, schema, catalog: EncodedCatalog, stats: ItemStats, item_shrinkage: float, config: M.ModelConfig) -> None:
+    """Shrinks items toward what their attributes predict instead of toward the mean.
+
+    A ridge fit of item deviations and ALS factors on pooled attributes gives the attribute
+    tables; each known item keeps its own evidence on top: base bias = shrunk deviation from
+    the attribute prediction, id factors = ALS factors minus the attribute part. New items
+    (the out-of-vocabulary id) get the attribute prediction alone.
+    """
+    from training.factor_init import attribute_prior, pooled_one_hot
+
+    id_field = schema.item_id_field
+    fields = [f for f in schema.item_fields if f.name != id_field.name]
+    columns = sum(f.num_codes for f in fields)
+    if not fields or columns > ATTRIBUTE_PRIOR_MAX_COLUMNS:
+        return
+    items = [i for i in id_field.vocabulary if i in stats.counts]  # items this training set has data for
+    rows = catalog.rows(items)
+    codes = catalog.codes[torch.from_numpy(rows)].numpy()  # (items, item_width)
+    design = np.concatenate([pooled_one_hot(codes[:, f.offset : f.offset + f.width], f.num_codes) for f in fields], axis=1)
+    counts = np.array([stats.counts[i] for i in items], dtype=np.float64)
+    sums = np.array([stats.sums[i] for i in items], dtype=np.float64)
+    id_codes = codes[:, id_field.offset]
+    factors = data.item_factors[torch.from_numpy(id_codes)].double().numpy()
+    reliability = counts / (counts + item_shrinkage)
+    targets = np.concatenate([(sums / counts - stats.mean)[:, None], factors], axis=1)
+    coefficients = attribute_prior(design, targets, reliability, config.attribute_l2)
+    predicted = design @ coefficients  # (items, 1 + factors)
+    base = torch.zeros_like(data.item_base_bias)
+    base[torch.from_numpy(id_codes)] = torch.from_numpy((sums - counts * (stats.mean + predicted[:, 0])) / (counts + item_shrinkage)).float()
+    item_factors = torch.zeros_like(data.item_factors)
+    item_factors[torch.from_numpy(id_codes)] = torch.from_numpy(factors - predicted[:, 1:]).float()
+    data.item_base_bias, data.item_factors = base, item_factors
+    tables = {}
+    start = 0
+    for f in fields:
+        block = torch.from_numpy(coefficients[start : start + f.num_codes]).float()
+        tables[f"item.attr_bias.{f.name}"] = block[:, 0].clone()
+        tables[f"item.attr_factors.{f.name}"] = block[:, 1:].clone()
+        start += f.num_codes
+    data.attribute_tables = tables
+
+
+def warmstart_inner_start(model_config: M.ModelConfig, prep: Prepared) -> M.Params:
+    """Inner-loop parameters that make the first inner step a diagonal Newton step of the
+    ridge fit the bias baseline (user bias) and an ALS fold-in (user factors) would make."""
+    lam = prep.user_shrinkage
+    out: M.Params = {
+        "inner.log_lr.user.bias": torch.tensor(math.log(0.5)),
+        "inner.log_offset.user.bias": torch.tensor(math.log(lam)),
+        "inner.log_pull.user.bias": torch.tensor(math.log(lam)),
+    }
+    if prep.factor_moment is not None:
+        moment = torch.from_numpy(prep.factor_moment).float()
+        fold_in = model_config.fold_in_l2
+        out["inner.log_lr.user.factors"] = torch.log(0.5 / moment)
+        out["inner.log_offset.user.factors"] = torch.log(fold_in / moment)
+        out["inner.log_pull.user.factors"] = torch.full_like(moment, math.log(fold_in))
+    return out
 
 
 def _bias_context(dataset: Dataset, train: Dataset, valid_tasks, support_sizes) -> FitContext:
@@ -135,10 +268,17 @@ def meta_train(
 ) -> tuple[AdaptedModel, TrainResult, Prepared]:
     """Prepares and meta-trains one model; returns the best model, the run's record and the prep."""
     prep = prepare(dataset, train, valid_tasks, model_config, train_config, support_sizes)
-    if inner_config.normalise_by_support_size and inner_config.prior_pull:
-        # Start exactly at the tuned bias baseline: c = pull = its user shrinkage.
-        inner_config = replace(inner_config, support_offset=prep.user_shrinkage, prior_pull_init=prep.user_shrinkage)
     params = M.init_params(model_config, prep.schema, prep.stats, seed=train_config.seed)
+    if (
+        model_config.kind == "bias_factor"
+        and inner_config.normalise_by_support_size
+        and inner_config.prior_pull
+        and inner_config.learning_rate_kind == "per_parameter"
+    ):
+        # Start at the tuned bias baseline plus a ridge fold-in of the user factors.
+        start = warmstart_inner_start(model_config, prep)
+        adapted = set(model_config.adapted_names())
+        params.update({k: v for k, v in start.items() if k.split(".", 2)[2] in adapted})
     trainer = MetaTrainer(
         model_config,
         inner_config,
@@ -153,6 +293,7 @@ def meta_train(
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         fingerprint=train.fingerprint(),
+        sources=[(source.sampler, source.item_params) for source in prep.sources],
     )
     result = trainer.run(log_path=log_path)
     adapted = AdaptedModel(model_config, inner_config, prep.schema, dataset.label, result.params)

@@ -38,7 +38,10 @@ class ModelConfig:
     """The model structure. Every field has a comment on what its default means."""
 
     kind: Literal["bias_factor", "mlp"] = "bias_factor"
-    factors: int = 32  # bias_factor: dimension of user and item factors
+    factors: int = 16  # bias_factor: dimension of user and item factors
+    factor_init: Literal["als", "random"] = "als"  # bias_factor: item-id factors start at an ALS fit (ratings)
+    als_l2: float = 10.0  # ridge weight of that ALS fit
+    fold_in_l2: float = 10.0  # initial pull of the user factors toward theta_0 (ridge fold-in)
     prior: Literal["global", "user_attributes"] = "global"  # bias_factor: theta_0 from user attributes too
     embedding_dim: int = 16  # mlp: per-field embedding size
     hidden: tuple[int, ...] = (64, 64)  # mlp: decision layer widths
@@ -47,11 +50,23 @@ class ModelConfig:
     attribute_l2: float = 1.0  # L2 weight on attribute biases and factors
     init_scale: float = 0.01  # std of the random initial factors / embeddings
     use_item_id: bool = True  # item-id embedding (with an out-of-vocabulary row for new items)
-    frozen: tuple[str, ...] = ()  # name prefixes of parameters the outer loop leaves at their start
+    # Name prefixes of parameters the outer loop leaves at their start. The item side starts
+    # at a ridge/ALS fit of the training data; learning it by meta-gradient as well overfit
+    # the few hundred training users of MovieLens-100K in our measurements.
+    frozen: tuple[str, ...] = ("item.",)
+    # With a frozen item side, score each half of the training users' episodes with an item
+    # side fitted on the other half (a user's query never shaped the items it is scored on).
+    # Off by default: on MovieLens-100K (5 dev folds) it learned a more timid adaptation
+    # that transferred worse to the full item side used at serving time.
+    cross_fit: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("bias_factor", "mlp"):
             raise ValueError(f"model kind must be 'bias_factor' or 'mlp', got {self.kind!r}")
+        if self.factor_init not in ("als", "random"):
+            raise ValueError(f"factor_init must be 'als' or 'random', got {self.factor_init!r}")
+        if self.als_l2 <= 0 or self.fold_in_l2 <= 0:
+            raise ValueError("als_l2 and fold_in_l2 must be positive")
         if self.prior not in ("global", "user_attributes"):
             raise ValueError(f"prior must be 'global' or 'user_attributes', got {self.prior!r}")
         if self.factors < 1 or self.embedding_dim < 1 or any(h < 1 for h in self.hidden) or not self.hidden:
@@ -84,7 +99,7 @@ class ModelConfig:
         d = dict(d)
         d["hidden"] = tuple(d.get("hidden", (64, 64)))
         d["adapted"] = tuple(d.get("adapted", ()))
-        d["frozen"] = tuple(d.get("frozen", ()))
+        d["frozen"] = tuple(d.get("frozen", ("item.",)))
         return ModelConfig(**d)
 
 
@@ -95,6 +110,8 @@ class DataStats:
     mean: float  # global mean label (a logit for clicks)
     item_base_bias: Tensor  # (id codes,) shrunk item deviations from the mean; 0 for pad / OOV
     interactions: int  # number of training interactions: scales the L2 terms
+    item_factors: Tensor | None = None  # (id codes, factors) starting item-id factors, e.g. from ALS
+    attribute_tables: dict[str, Tensor] = field(default_factory=dict)  # starting attribute biases / factors
 
 
 def _fields(schema: FeatureSchema, side: str, config: ModelConfig) -> list[Field]:
@@ -123,9 +140,17 @@ def init_params(config: ModelConfig, schema: FeatureSchema, stats: DataStats, se
             params["item.base_bias"] = stats.item_base_bias.float().clone()
             params["item.id_bias"] = torch.zeros(id_field.num_codes)
             params["item.id_factors"] = randn(id_field.num_codes, d)
+            if stats.item_factors is not None:
+                if stats.item_factors.shape != (id_field.num_codes, d):
+                    raise ValueError(f"item_factors must be ({id_field.num_codes}, {d})")
+                params["item.id_factors"] = stats.item_factors.float().clone()
         for f in _attribute_fields(schema):
             params[f"item.attr_bias.{f.name}"] = torch.zeros(f.num_codes)
             params[f"item.attr_factors.{f.name}"] = randn(f.num_codes, d)
+        for name, table in stats.attribute_tables.items():
+            if name not in params or params[name].shape != table.shape:
+                raise ValueError(f"attribute table {name} does not fit the model")
+            params[name] = table.float().clone()
         params["user.bias0"] = torch.zeros(())
         params["user.factors0"] = torch.zeros(d)
         if config.prior == "user_attributes":
@@ -156,14 +181,24 @@ def frozen_names(config: ModelConfig, params: Params) -> tuple[str, ...]:
 def _pool(table: Tensor, codes: Tensor) -> Tensor:
     """Mean of the embedding rows of the non-padding codes; (..., width) -> (..., dim).
 
-    Works for 1-D tables (biases) too: (..., width) -> (...).
+    Works for 1-D tables (biases) too: (..., width) -> (...). Written slot by slot (the
+    width is small and static) so that every op works on contiguous (..., dim) tensors:
+    a reduction over the slot axis of a (..., width, dim) tensor is several times slower
+    in onnxruntime than these elementwise adds.
     """
-    mask = (codes != PAD).to(table.dtype)  # (..., width)
-    rows = table[codes]  # (..., width[, dim])
-    count = mask.sum(-1, keepdim=True).clamp(min=1.0)  # (..., 1)
-    if rows.dim() == codes.dim():  # a bias table
-        return (rows * mask).sum(-1) / count.squeeze(-1)
-    return (rows * mask.unsqueeze(-1)).sum(-2) / count
+    width = codes.shape[-1]
+    total, count = None, None
+    for slot in range(width):
+        slot_codes = codes[..., slot]  # (...)
+        present = (slot_codes != PAD).to(table.dtype)  # (...)
+        rows = table[slot_codes]  # (...) or (..., dim)
+        term = rows * (present if rows.dim() == slot_codes.dim() else present.unsqueeze(-1))
+        total = term if total is None else total + term
+        count = present if count is None else count + present
+    if width == 1:
+        return total  # one slot: the mean is the row itself (or zero when padding)
+    count = count.clamp(min=1.0)
+    return total / (count if total.dim() == codes.dim() - 1 else count.unsqueeze(-1))
 
 
 def _total(terms: list[Tensor]) -> Tensor:

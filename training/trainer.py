@@ -158,6 +158,7 @@ class MetaTrainer:
         checkpoint_dir: Path | None = None,
         progress: bool = False,
         fingerprint: str = "",
+        sources: Sequence[tuple[EpisodeSampler, M.Params]] = (),
     ) -> None:
         if not valid_tasks and train_config.patience > 0:
             raise ValueError("early stopping needs validation tasks (or patience=0)")
@@ -168,13 +169,16 @@ class MetaTrainer:
         self.label = label
         self.catalog = catalog
         self.sampler = sampler
+        # Cross-fitted episode sources, taken in turn: (sampler, item-side parameters to use).
+        self.sources = [(src, {k: v.detach().float() for k, v in item.items()}) for src, item in sources]
         self.valid_tasks = list(valid_tasks)
         self.interactions = interactions
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
         self.fingerprint = fingerprint
         params = dict(initial_params)
-        params.update(init_inner_params(model_config, inner_config, params))
+        for name, value in init_inner_params(model_config, inner_config, params).items():
+            params.setdefault(name, value)  # a caller may start inner parameters elsewhere
         self.params = {k: v.detach().clone().float() for k, v in params.items()}
         frozen = set(M.frozen_names(model_config, self.params))
         inner = set(trainable_inner_names(inner_config, self.params))
@@ -192,18 +196,18 @@ class MetaTrainer:
         self.stopped = False
 
     # -- the meta-step -------------------------------------------------------------------
-    def meta_loss(self, batch, query_labels: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    def meta_loss(self, batch, query_labels: torch.Tensor, query_mask: torch.Tensor, item_params: M.Params | None = None) -> torch.Tensor:
         """Mean over users of the mean query loss, plus the item-side L2."""
-        out = adapt_and_score(
-            self.model_config, self.inner_config, self.schema, self.params, batch, loss_kind_of(self.label)
-        )
+        params = {**self.params, **item_params} if item_params else self.params
+        out = adapt_and_score(self.model_config, self.inner_config, self.schema, params, batch, loss_kind_of(self.label))
         per_entry = support_loss_terms(loss_kind_of(self.label), out.query_scores, query_labels) * query_mask
         per_user = per_entry.sum(1) / query_mask.sum(1).clamp(min=1.0)
         return per_user.mean() + M.regulariser(self.model_config, self.params, self.interactions)
 
     def train_step(self) -> float:
-        batch, labels, mask = self.sampler.sample(self.rng, self.config.meta_batch_size)
-        loss = self.meta_loss(batch, labels, mask)
+        sampler, item_params = self.sources[self.step % len(self.sources)] if self.sources else (self.sampler, None)
+        batch, labels, mask = sampler.sample(self.rng, self.config.meta_batch_size)
+        loss = self.meta_loss(batch, labels, mask, item_params)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"meta-loss is {loss.item()} at step {self.step}: lower outer_lr or inner steps")
         self.optimizer.zero_grad(set_to_none=True)

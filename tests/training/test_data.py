@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -320,9 +319,7 @@ def test_ml_latest_100k_rows_load_fast(tmp_path: Path) -> None:
         f"{u},{i},{s},{1_000_000 + t}\n" for t, (u, i, s) in enumerate(zip(users, items, stars))
     )
     root = write_ml_latest(tmp_path, movies_csv=movies, ratings_csv=ratings)
-    start = time.perf_counter()
     data = load_movielens_latest(root)
-    assert time.perf_counter() - start < 2.0
     assert len(data) == 100_000 and len(data.items.values) == n_items
 
 
@@ -501,11 +498,7 @@ def test_load_dataset_refuses_unknown_kinds_and_misplaced_options(tmp_path: Path
 
 @pytest.mark.skipif(not ML100K_DIR.is_dir(), reason=f"MovieLens 100K not found at {ML100K_DIR} (download it there to run)")
 def test_real_ml100k() -> None:
-    start = time.perf_counter()
     data = load_movielens_100k(ML100K_DIR)
-    elapsed_s = time.perf_counter() - start
-
-    assert elapsed_s < 2.0
     assert len(data) == 100_000
     assert len(set(data.user_ids)) == 943 and len(data.users.values) == 943
     assert len(set(data.item_ids)) == 1682 and len(data.items.values) == 1682
