@@ -94,14 +94,17 @@ class EpisodeConfig:
     min_support: int = 0  # smallest support size sampled (0 trains the zero-shot score too)
     max_support: int = 30  # support size drawn uniformly in [min_support, max_support] ...
     all_but_query_prob: float = 0.2  # ... or, with this probability, everything but the query
-    query: Literal["last", "later"] = "last"  # query = the user's last query_size interactions
-    # (as the evaluation protocol asks), or a random subset of everything after the support
+    # The query: the user's last query_size interactions, as the evaluation protocol asks
+    # ("last"), or a random subset of everything after the support ("later"). "auto" picks
+    # "last" when the item side is frozen (meta-training then learns only how to adapt) and
+    # "later" when it learns the item side too, which needs every rating, not the last few.
+    query: Literal["auto", "last", "later"] = "auto"
     query_size: int = 10  # size of the "last" query, and what all-but-query episodes leave out
     max_query: int = 64  # "later" queries: at most this many
     support_cap: int = 128  # never more support than this (the earliest interactions)
-    # Episodes only from users with at most this many interactions (0 = everyone). Heavy
-    # users still shape the item side, but their long histories are unlike the cold users
-    # the inner loop is for; the evaluation protocol's cap, 100, measured best.
+    # "last" episodes only from users with at most this many interactions (0 = everyone).
+    # Heavy users still shape the item side, but their long histories are unlike the cold
+    # users the inner loop is for; the evaluation protocol's cap, 100, measured best.
     max_user_interactions: int = 100
 
     def __post_init__(self) -> None:
@@ -111,8 +114,8 @@ class EpisodeConfig:
             raise ValueError("all_but_query_prob must be in [0, 1]")
         if self.query_size < 1 or self.max_query < 1 or self.support_cap < 1:
             raise ValueError("query_size, max_query and support_cap must be positive")
-        if self.query not in ("last", "later"):
-            raise ValueError(f"episode query must be 'last' or 'later', got {self.query!r}")
+        if self.query not in ("auto", "last", "later"):
+            raise ValueError(f"episode query must be 'auto', 'last' or 'later', got {self.query!r}")
         if self.max_user_interactions < 0:
             raise ValueError("max_user_interactions must be >= 0")
 
@@ -120,11 +123,12 @@ class EpisodeConfig:
 class EpisodeSampler:
     """Chronological episodes: support = a user's earliest K interactions, query = later ones."""
 
-    def __init__(self, catalog: EncodedCatalog, train: Dataset, config: EpisodeConfig) -> None:
+    def __init__(self, catalog: EncodedCatalog, train: Dataset, config: EpisodeConfig, learns_item_side: bool = True) -> None:
         self.catalog = catalog
         self.config = config
+        self.query = config.query if config.query != "auto" else ("later" if learns_item_side else "last")
         per_user = user_rows(train)
-        cap = config.max_user_interactions or None
+        cap = (config.max_user_interactions or None) if self.query == "last" else None
         usable = sorted(u for u, r in per_user.items() if len(r) >= 2)
         if not usable:
             raise ValueError("no training user has two or more interactions: nothing to meta-train on")
@@ -149,18 +153,18 @@ class EpisodeSampler:
             user = self.users[index]
             rows, labels = self.item_rows[user], self.labels[user]
             n = len(rows)
-            if c.query == "last":
+            if self.query == "last":
                 q = min(c.query_size, n - 1)
                 later = np.arange(n - q, n)
                 pool = n - q  # support comes from what precedes the query
             else:
                 pool = n - 1
             if rng.random() < c.all_but_query_prob:
-                k = pool if c.query == "last" else max(1, n - c.query_size)
+                k = pool if self.query == "last" else max(1, n - c.query_size)
             else:
                 k = int(rng.integers(c.min_support, c.max_support + 1))
             k = min(k, pool, c.support_cap)
-            if c.query == "later":
+            if self.query == "later":
                 later = np.arange(k, n)
                 if len(later) > c.max_query:
                     later = np.sort(rng.choice(later, size=c.max_query, replace=False))
