@@ -6,9 +6,25 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# The main job's settings: `make run DATASET=ml-100k DATA_PATH=../shared/data/ml-100k`.
+# Empty = the job's default (synthetic data, repository $WARMSTART_MODEL_REPOSITORY or models/,
+# model $WARMSTART_MODEL_NAME or warmstart). TRAIN_ARGS go to `python -m training.cli train`,
+# SERVE_ARGS to `python -m service.server`; RETRAIN=1 trains a new version even if one exists.
+DATASET ?=
+DATA_PATH ?=
+REPOSITORY ?=
+MODEL_NAME ?=
+TRAIN_ARGS ?=
+SERVE_ARGS ?=
+RETRAIN ?=
+RUN_ARGS = $(if $(DATASET),--dataset "$(DATASET)") $(if $(DATA_PATH),--data-path "$(DATA_PATH)") \
+  $(if $(REPOSITORY),--repository "$(REPOSITORY)") $(if $(MODEL_NAME),--model-name "$(MODEL_NAME)") \
+  $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)") $(if $(filter 1 yes true,$(RETRAIN)),--retrain)
+
 .PHONY: install run test test-fast protos lint bench clean
 
-# torch first, pinned, so the project's range does not pull a different build.
+# The install steps. The Dockerfile runs the same pip lines (tests/ops/test_dockerfile.py
+# checks it): torch first, pinned, so the project's range does not pull a different build.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -20,7 +36,7 @@ install: $(STAMP)
 
 ## The main job: train on the embedded synthetic data unless an artifact exists, then serve.
 run: $(STAMP)
-	$(VENV)/bin/python -m service.main $(ARGS)
+	$(PY) scripts/main.py $(strip $(RUN_ARGS) -- $(SERVE_ARGS))
 
 ## The whole test suite (what .ci/run calls).
 test: $(STAMP)

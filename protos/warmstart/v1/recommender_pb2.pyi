@@ -59,7 +59,7 @@ class Candidate(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., item_attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("request_id", "user_attributes", "interactions", "candidates", "top_k", "exclude_interacted", "exclude_item_ids")
+    __slots__ = ("request_id", "user_attributes", "interactions", "candidates", "candidate_ids", "top_k", "exclude_interacted", "exclude_item_ids")
     class UserAttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class RecommendRequest(_message.Message):
     USER_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_INTERACTED_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -78,10 +79,11 @@ class RecommendRequest(_message.Message):
     user_attributes: _containers.ScalarMap[str, str]
     interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    candidate_ids: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     exclude_interacted: bool
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., user_attributes: _Optional[_Mapping[str, str]] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., top_k: _Optional[int] = ..., exclude_interacted: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., user_attributes: _Optional[_Mapping[str, str]] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., exclude_interacted: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score")
@@ -134,7 +136,7 @@ class RecommendResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., adaptation: _Optional[_Union[AdaptationSummary, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "user_attributes", "interactions", "items")
+    __slots__ = ("request_id", "user_attributes", "interactions", "items", "item_ids")
     class UserAttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -146,11 +148,13 @@ class ScoreRequest(_message.Message):
     USER_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_attributes: _containers.ScalarMap[str, str]
     interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
     items: _containers.RepeatedCompositeFieldContainer[Candidate]
-    def __init__(self, request_id: _Optional[str] = ..., user_attributes: _Optional[_Mapping[str, str]] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ..., items: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., user_attributes: _Optional[_Mapping[str, str]] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ..., items: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("request_id", "model_name", "model_version", "items", "adaptation")

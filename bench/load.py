@@ -1,0 +1,240 @@
+"""gRPC load benchmark: Recommend against the same server's empty-RPC ceiling.
+
+Starts `python -m service.server` in a subprocess on free ports, then for each number of
+concurrent asyncio clients N (default 1, 8, 32) drives, for T seconds each (in alternating
+one-second slices, so that both see the same background load):
+
+- the ceiling: grpc.health.v1 Check, an RPC that does no work;
+- Recommend with 10 interactions and 100 candidates (top_k 10), random catalog items,
+  sent as `candidate_ids` (or as Candidate messages with --candidate-messages).
+
+and prints requests/s, p50/p95/p99 latency and the reject rate of each, and the ratio
+Recommend / ceiling. The clients run in this process, so on a small machine client and
+server share the cores, as they do in the numbers the goals were set on.
+
+    python bench/load.py --artifact models/tiny/3 --duration-s 10
+    python bench/load.py                       # builds the tiny test artifact first (~30 s)
+    python bench/load.py --server-arg=--max-wait-s=0.002 --server-arg=--max-batch-size=64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from warmstart.v1 import recommender_pb2 as pb, recommender_pb2_grpc as pb_grpc  # noqa: E402
+
+LISTENING = re.compile(r"listening on port (\d+) \(metrics on port (\d+)\)")
+INTERACTIONS = 10
+CANDIDATES = 100
+DISTINCT_REQUESTS = 64
+
+
+@dataclass
+class Cell:
+    rpc: str
+    clients: int
+    seconds: float
+    latencies_s: list[float]
+    rejected: int
+    failed: int
+
+    def add(self, other: "Cell") -> None:
+        self.seconds += other.seconds
+        self.latencies_s += other.latencies_s
+        self.rejected += other.rejected
+        self.failed += other.failed
+
+    @property
+    def total(self) -> int:
+        return len(self.latencies_s) + self.rejected + self.failed
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies_s) / self.seconds
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q) * 1e3) if self.latencies_s else float("nan")
+
+    @property
+    def reject_rate(self) -> float:
+        return self.rejected / self.total if self.total else 0.0
+
+
+def build_tiny_artifact(repository: Path) -> Path:
+    """The test suite's tiny artifact (synthetic data, a few meta-steps)."""
+    from training import model as M
+    from training.pipeline import JobConfig, train_and_export
+    from training.synthetic import generate_synthetic
+
+    dataset = generate_synthetic(seed=3, n_users=240, n_items=150)
+    config = JobConfig.default(meta_steps=30, eval_every=10, meta_batch_size=16)
+    config.model = M.ModelConfig(kind="bias_factor", factors=8)
+    return train_and_export(dataset, repository, "tiny", config, version="1").export.path
+
+
+def make_requests(artifact: Path, rng: np.random.Generator, candidate_messages: bool = False) -> list[pb.RecommendRequest]:
+    """Distinct Recommend requests over random catalog items; candidates as bare ids (the
+    API's form for catalog items) unless candidate_messages."""
+    item_ids = (artifact / "catalog_items.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    import json
+
+    label = json.loads((artifact / "manifest.json").read_text())["label"]
+    low, high = float(label.get("min_value", 0.0)), float(label.get("max_value", 1.0))
+    click = label.get("kind") == "CLICK"
+    requests = []
+    for k in range(DISTINCT_REQUESTS):
+        chosen = rng.choice(len(item_ids), size=min(len(item_ids), INTERACTIONS + CANDIDATES), replace=False)
+        support, candidates = chosen[:INTERACTIONS], chosen[INTERACTIONS:]
+        labels = rng.integers(0, 2, INTERACTIONS) if click else rng.integers(int(low), int(high) + 1, INTERACTIONS)
+        request = pb.RecommendRequest(
+            request_id=f"bench-{k}",
+            interactions=[pb.Interaction(item_id=item_ids[i], label=float(y)) for i, y in zip(support, labels)],
+            top_k=10,
+        )
+        if candidate_messages:
+            request.candidates.extend(pb.Candidate(item_id=item_ids[i]) for i in candidates)
+        else:
+            request.candidate_ids.extend(item_ids[i] for i in candidates)
+        requests.append(request)
+    return requests
+
+
+async def drive(call, make_request, clients: int, seconds: float, rpc: str) -> Cell:
+    latencies: list[float] = []
+    counts = {"rejected": 0, "failed": 0}
+    stop_at = time.perf_counter() + seconds
+
+    async def client(offset: int) -> None:
+        k = offset
+        while time.perf_counter() < stop_at:
+            request = make_request(k)
+            k += 1
+            started = time.perf_counter()
+            try:
+                await call(request, timeout=5.0)
+            except grpc.aio.AioRpcError as error:
+                counts["rejected" if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "failed"] += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return Cell(rpc, clients, time.perf_counter() - started, latencies, counts["rejected"], counts["failed"])
+
+
+async def run_bench(
+    port: int, requests: list[pb.RecommendRequest], client_counts: list[int], seconds: float, warmup_s: float, slice_s: float
+) -> list[Cell]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = pb_grpc.RecommenderStub(channel)
+        check = health_pb2.HealthCheckRequest()
+        deadline = time.monotonic() + 120
+        while (await health.Check(check, wait_for_ready=True)).status != health_pb2.HealthCheckResponse.SERVING:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server did not become SERVING within 120 s")
+            await asyncio.sleep(0.1)
+        await drive(health.Check, lambda k: check, 8, warmup_s, "warm-up")
+        await drive(stub.Recommend, lambda k: requests[k % len(requests)], 8, warmup_s, "warm-up")
+        cells = []
+        slices = max(1, math.ceil(seconds / slice_s))
+        for n in client_counts:
+            # Alternating slices: both RPCs see the same background load, which on a shared
+            # machine drifts over a run.
+            ceiling, recommend = Cell("Check (ceiling)", n, 0.0, [], 0, 0), Cell("Recommend", n, 0.0, [], 0, 0)
+            for _ in range(slices):
+                ceiling.add(await drive(health.Check, lambda k: check, n, seconds / slices, ceiling.rpc))
+                recommend.add(await drive(stub.Recommend, lambda k: requests[k % len(requests)], n, seconds / slices, recommend.rpc))
+            cells += [ceiling, recommend]
+        return cells
+
+
+def print_table(cells: list[Cell]) -> None:
+    header = f"{'clients':>7}  {'rpc':<16} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'reject %':>9} {'failed':>6}"
+    print(header)
+    print("-" * len(header))
+    by_clients: dict[int, dict[str, Cell]] = {}
+    for c in cells:
+        by_clients.setdefault(c.clients, {})[c.rpc] = c
+        print(
+            f"{c.clients:>7}  {c.rpc:<16} {c.rps:>8.0f} {c.percentile_ms(50):>8.2f} {c.percentile_ms(95):>8.2f} "
+            f"{c.percentile_ms(99):>8.2f} {100 * c.reject_rate:>9.2f} {c.failed:>6}"
+        )
+    print()
+    for n, row in by_clients.items():
+        ratio = row["Recommend"].rps / row["Check (ceiling)"].rps
+        print(f"{n:>3} clients: Recommend / ceiling = {100 * ratio:.0f} %")
+
+
+def start_server(repository: Path, model_name: str, server_args: list[str]) -> tuple[subprocess.Popen, int]:
+    command = [
+        sys.executable, "-m", "service.server",
+        "--model-repository", str(repository), "--model-name", model_name,
+        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--poll-interval-s", "0", "--log-level", "WARNING",
+        *server_args,
+    ]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = LISTENING.search(line)
+    if not match:
+        process.kill()
+        raise RuntimeError(f"the server did not start (first line: {line!r})")
+    return process, int(match.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", type=Path, help="artifact directory <repo>/<name>/<version> (default: build the tiny one)")
+    parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per cell (default 10)")
+    parser.add_argument("--warmup-s", type=float, default=1.0, help="seconds of unmeasured load first (default 1)")
+    parser.add_argument("--slice-s", type=float, default=1.0, help="ceiling and Recommend alternate in slices this long (default 1)")
+    parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server (repeat), e.g. --server-arg=--max-wait-s=0.002")
+    parser.add_argument("--candidate-messages", action="store_true", help="send candidates as Candidate messages, not candidate_ids")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="warmstart-bench-") as tmp:
+        if args.artifact is None:
+            print("building the tiny artifact ...", file=sys.stderr)
+            artifact = build_tiny_artifact(Path(tmp) / "built")
+        else:
+            artifact = args.artifact.resolve()
+        # A repository holding exactly this version, whatever else sits beside it.
+        repository = Path(tmp) / "repository"
+        (repository / artifact.parent.name).mkdir(parents=True)
+        (repository / artifact.parent.name / artifact.name).symlink_to(artifact, target_is_directory=True)
+        requests = make_requests(artifact, np.random.default_rng(args.seed), args.candidate_messages)
+        process, port = start_server(repository, artifact.parent.name, args.server_arg)
+        try:
+            clients = [int(n) for n in args.clients.split(",")]
+            cells = asyncio.run(run_bench(port, requests, clients, args.duration_s, args.warmup_s, args.slice_s))
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    form = "Candidate messages" if args.candidate_messages else "candidate_ids"
+    print(f"artifact {artifact}; {args.duration_s:g} s per cell; candidates as {form}; server flags: {' '.join(args.server_arg) or '(defaults)'}")
+    print_table(cells)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""The data plane: validate and encode a request, adapt-and-score through the batcher, rank.
+
+Works on domain objects only (service/domain.py). Every request is encoded against the
+model that is current when it arrives and runs on that same model, so a version swap
+never mixes one version's encoding with another's graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import repeat
+from typing import Callable, Sequence
+
+import numpy as np
+
+from service.batcher import DynamicBatcher
+from service.domain import (
+    AdaptationSummary,
+    FieldDescription,
+    ItemList,
+    ItemRole,
+    ModelDescription,
+    RecommendQuery,
+    ScoredItems,
+    ScoreQuery,
+    UnknownItem,
+    UserContext,
+)
+from service.errors import FieldViolation, InvalidArgument, NotReady
+from service.metrics import Metrics
+from service.padding import UserInputs, UserOutputs
+from service.repository import LoadedModel
+
+EXAMPLE_VALUES = 5  # vocabulary values GetModel shows per field
+FULL_SORT_MAX = 4096  # up to this many items a stable sort beats partitioning
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_interactions: int = 128
+    max_candidates: int = 1024
+    allow_unknown_values: bool = False  # unknown attribute values: OOV instead of INVALID_ARGUMENT
+    max_batch_size: int = 32  # reported by GetModel
+
+    def __post_init__(self) -> None:
+        if self.max_interactions < 1 or self.max_candidates < 1:
+            raise ValueError("max_interactions and max_candidates must be >= 1")
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    user: UserInputs
+    unknown: tuple[UnknownItem, ...]
+
+
+class RecommenderCore:
+    """Recommend, Score and GetModel on domain objects."""
+
+    def __init__(
+        self,
+        current_model: Callable[[], LoadedModel | None],
+        batcher: DynamicBatcher,
+        limits: RequestLimits,
+        metrics: Metrics,
+    ) -> None:
+        self._current_model = current_model
+        self._batcher = batcher
+        self._limits = limits
+        self._metrics = metrics
+
+    def _model(self) -> LoadedModel:
+        model = self._current_model()
+        if model is None:
+            raise NotReady("no model is loaded yet")
+        return model
+
+    async def recommend(self, query: RecommendQuery) -> ScoredItems:
+        """The candidates (or the whole catalog), best first, after exclusions, top_k of them."""
+        model = self._model()
+        violations: list[FieldViolation] = []
+        if query.top_k < 0:
+            violations.append(FieldViolation("top_k", f"must be >= 0 (0 = all), got {query.top_k}"))
+        rank_catalog = not query.candidates
+        if rank_catalog and model.artifact.catalog.size == 0:
+            violations.append(FieldViolation("candidates", "empty, and the model has no catalog to rank"))
+        encoded = self._encode(model, query.user, None if rank_catalog else query.candidates, violations)
+        output = await self._adapt(model, query.user, encoded)
+        catalog = model.artifact.catalog
+        ids: Sequence[str] = catalog.item_ids if rank_catalog else query.candidates.ids
+        excluded = set(query.exclude_item_ids)
+        if query.exclude_interacted:
+            excluded.update(query.user.interactions.items.ids)
+        if not excluded:
+            available = np.arange(len(ids))
+        elif rank_catalog:
+            keep = np.ones(len(ids), dtype=bool)
+            keep[[catalog.row_of[i] for i in excluded if i in catalog.row_of]] = False
+            available = np.flatnonzero(keep)
+        else:
+            available = np.flatnonzero(np.fromiter((i not in excluded for i in ids), dtype=bool, count=len(ids)))
+        order = top_k(output.query_scores, available, query.top_k)
+        return ScoredItems(
+            request_id=query.user.request_id,
+            model_name=model.name,
+            model_version=model.version,
+            item_ids=[ids[i] for i in order.tolist()],
+            scores=output.query_scores[order],
+            adaptation=self._summary(model, query.user, encoded, output),
+        )
+
+    async def score(self, query: ScoreQuery) -> ScoredItems:
+        """One score per item, in request order."""
+        model = self._model()
+        violations = [] if query.items else [FieldViolation(query.items.field, "must not be empty")]
+        encoded = self._encode(model, query.user, query.items, violations)
+        output = await self._adapt(model, query.user, encoded)
+        return ScoredItems(
+            request_id=query.user.request_id,
+            model_name=model.name,
+            model_version=model.version,
+            item_ids=query.items.ids,
+            scores=output.query_scores,
+            adaptation=self._summary(model, query.user, encoded, output),
+        )
+
+    def describe(self) -> ModelDescription:
+        model = self._model()
+        artifact = model.artifact
+        encoder = artifact.encoder
+
+        def fields(codecs) -> tuple[FieldDescription, ...]:
+            return tuple(
+                FieldDescription(f.name, f.multi_valued, len(f.vocabulary), f.vocabulary[:EXAMPLE_VALUES])
+                for f in codecs
+                if f.name != encoder.item_id_field
+            )
+
+        return ModelDescription(
+            model_name=model.name,
+            model_version=model.version,
+            created_at=artifact.manifest.created_at,
+            label_kind=artifact.label.kind,
+            label_min=artifact.label.min_value,
+            label_max=artifact.label.max_value,
+            user_fields=fields(encoder.user_fields),
+            item_fields=fields(encoder.item_fields),
+            catalog_size=artifact.catalog.size,
+            inner_steps=artifact.inner_steps,
+            model_kind=artifact.manifest.model.kind,
+            learner=artifact.manifest.model.learner,
+            engine=model.engine.description,
+            max_interactions=self._limits.max_interactions,
+            max_candidates=self._limits.max_candidates,
+            max_batch_size=self._limits.max_batch_size,
+        )
+
+    # -- encoding -------------------------------------------------------------------
+
+    def _encode(
+        self,
+        model: LoadedModel,
+        user: UserContext,
+        items: ItemList | None,
+        violations: list[FieldViolation],
+    ) -> _Encoded:
+        """Validates and encodes one request; raises InvalidArgument naming every bad field
+        (those found by the caller, passed in `violations`, included)."""
+        limits = self._limits
+        interactions = user.interactions
+        oversized = []
+        if len(interactions) > limits.max_interactions:
+            oversized.append(
+                FieldViolation("interactions", f"{len(interactions)} interactions; at most {limits.max_interactions} are accepted")
+            )
+        if items is not None and len(items) > limits.max_candidates:
+            oversized.append(FieldViolation(items.field, f"{len(items)} items; at most {limits.max_candidates} are accepted"))
+        if oversized:  # refuse oversized lists before spending time on them
+            raise InvalidArgument(violations + oversized)
+
+        encoder = model.artifact.encoder
+        try:
+            user_row = encoder.encode_user(user.user_attributes, "user_attributes", limits.allow_unknown_values)
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+            user_row = np.zeros(encoder.user_width, dtype=np.int64)
+
+        timestamps = interactions.timestamps
+        if len(interactions) and all(t != 0 for t in timestamps):
+            positions = sorted(range(len(interactions)), key=timestamps.__getitem__)  # stable: ties keep request order
+        else:
+            positions = list(range(len(interactions)))
+        violations.extend(_label_violations(model, interactions.labels))
+        unknown: list[UnknownItem] = []
+        support_items = self._item_codes(model, interactions.items, positions, "interaction", unknown, violations)
+        support_labels = np.array([interactions.labels[k] for k in positions], dtype=np.float32)
+
+        if items is None:
+            query_items = model.artifact.catalog.codes
+        else:
+            violations.extend(_duplicate_violations(items))
+            query_items = self._item_codes(model, items, range(len(items)), "candidate", unknown, violations)
+        if violations:
+            raise InvalidArgument(violations)
+        return _Encoded(UserInputs(user_row, support_items, support_labels, query_items), tuple(unknown))
+
+    def _item_codes(
+        self,
+        model: LoadedModel,
+        items: ItemList,
+        positions: Sequence[int],
+        role: ItemRole,
+        unknown: list[UnknownItem],
+        violations: list[FieldViolation],
+    ) -> np.ndarray:
+        """(len(positions), item_width) codes of items[positions]: catalog rows, or the inline
+        attributes of items the catalog does not know."""
+        catalog = model.artifact.catalog
+        encoder = model.artifact.encoder
+        ids = items.ids
+        ordered = ids if isinstance(positions, range) else [ids[k] for k in positions]
+        rows = np.fromiter(map(catalog.row_of.get, ordered, repeat(-1)), dtype=np.int64, count=len(ordered))
+        found = rows >= 0
+        if found.all():  # the common case: every item is in the catalog
+            return catalog.codes.take(rows, axis=0)
+        codes = np.zeros((len(positions), encoder.item_width), dtype=np.int64)
+        codes[found] = catalog.codes.take(rows[found], axis=0)
+        for i in np.flatnonzero(~found).tolist():
+            k = positions[i]
+            item_id = ids[k]
+            attributes = items.attributes(k)
+            if not item_id:
+                violations.append(FieldViolation(items.id_path(k), "must not be empty"))
+            elif not attributes:
+                violations.append(
+                    FieldViolation(items.id_path(k), f"{item_id!r} is not in the catalog; send it with its item_attributes")
+                )
+            else:
+                row, problems = encoder.encode_item(item_id, attributes, items.attributes_path(k), self._limits.allow_unknown_values)
+                if row is None:
+                    violations.extend(problems)
+                else:
+                    codes[i] = row
+                    unknown.append(UnknownItem(item_id, role))
+        return codes
+
+    # -- running and summarising ----------------------------------------------------
+
+    async def _adapt(self, model: LoadedModel, user: UserContext, encoded: _Encoded) -> UserOutputs:
+        output = await self._batcher.submit(model, encoded.user, user.deadline_s)
+        if encoded.user.support_size:
+            self._metrics.support_loss(output.support_loss_before, output.support_loss_after)
+        return output
+
+    @staticmethod
+    def _summary(model: LoadedModel, user: UserContext, encoded: _Encoded, output: UserOutputs) -> AdaptationSummary:
+        n = encoded.user.support_size
+        adapted = n > 0 and model.artifact.inner_steps > 0
+        return AdaptationSummary(
+            support_size=n,
+            adapted=adapted,
+            inner_steps=model.artifact.inner_steps if adapted else 0,
+            support_loss_before=output.support_loss_before if n else 0.0,
+            support_loss_after=output.support_loss_after if n else 0.0,
+            unknown_items=encoded.unknown,
+        )
+
+
+def _label_violations(model: LoadedModel, labels: Sequence[float]) -> list[FieldViolation]:
+    label = model.artifact.label
+    values = np.asarray(labels, dtype=np.float64)
+    valid = np.isfinite(values) & (values >= label.min_value) & (values <= label.max_value)
+    if label.kind == "click":
+        valid &= (values == 0.0) | (values == 1.0)
+    if valid.all():
+        return []
+    violations = []
+    for k, value in enumerate(labels):
+        where = f"interactions[{k}].label"
+        if not math.isfinite(value):
+            violations.append(FieldViolation(where, f"must be a finite number, got {value}"))
+        elif label.kind == "click" and value not in (0.0, 1.0):
+            violations.append(FieldViolation(where, f"a click label is 0 or 1, got {value}"))
+        elif not label.min_value <= value <= label.max_value:
+            violations.append(FieldViolation(where, f"must be in [{label.min_value:g}, {label.max_value:g}], got {value}"))
+    return violations
+
+
+def _duplicate_violations(items: ItemList) -> list[FieldViolation]:
+    if len(set(items.ids)) == len(items.ids):
+        return []
+    first: dict[str, int] = {}
+    violations = []
+    for k, item_id in enumerate(items.ids):
+        if item_id in first:
+            violations.append(FieldViolation(items.id_path(k), f"duplicate of {items.id_path(first[item_id])} ({item_id!r})"))
+        else:
+            first[item_id] = k
+    return violations
+
+
+def top_k(scores: np.ndarray, available: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best of `available` (sorted ascending; all when k is 0), best
+    first; equal scores keep index order, at the cut-off too."""
+    s = scores if len(available) == len(scores) else scores[available]  # available is ascending: all = identity
+    if 0 < k < len(available) and len(available) > FULL_SORT_MAX:
+        threshold = s[np.argpartition(-s, k - 1)[:k]].min()
+        above = np.flatnonzero(s > threshold)
+        ties = np.flatnonzero(s == threshold)[: k - len(above)]
+        chosen = np.concatenate([above, ties])
+        return available[chosen[np.lexsort((chosen, -s[chosen]))]]
+    order = np.argsort(-s, kind="stable")
+    return available[order[:k] if k > 0 else order]

@@ -1,0 +1,116 @@
+"""Domain errors of the service and the one place that maps them to gRPC statuses.
+
+Everything below the servicer raises these plain exceptions; `to_status` turns any
+exception into a google.rpc.Status (code, message, details). Unexpected exceptions
+become INTERNAL with a generic message: their detail goes to the log, never to the
+caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_VIOLATIONS = 50  # a BadRequest names at most this many fields; the rest are counted
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field, as a path in the request ("interactions[3].label")."""
+
+    field: str
+    description: str
+
+
+class ServiceError(Exception):
+    """Base of the errors a request can end with, other than a bug."""
+
+    reject_reason = "error"  # label of warmstart_rejects_total
+
+
+class InvalidArgument(ServiceError):
+    """The request is malformed; `violations` name the fields."""
+
+    reject_reason = "invalid_argument"
+
+    def __init__(self, violations: Sequence[FieldViolation]) -> None:
+        if not violations:
+            raise ValueError("InvalidArgument needs at least one violation")
+        self.violations = tuple(violations)
+        first = self.violations[0]
+        more = f" (and {len(self.violations) - 1} more)" if len(self.violations) > 1 else ""
+        super().__init__(f"invalid {first.field}: {first.description}{more}")
+
+    @staticmethod
+    def one(field: str, description: str) -> "InvalidArgument":
+        return InvalidArgument([FieldViolation(field, description)])
+
+
+class NotReady(ServiceError):
+    """No model is loaded yet, or the server is shutting down."""
+
+    reject_reason = "not_ready"
+
+
+class Overloaded(ServiceError):
+    """The batcher's queue is full: the caller should back off and retry."""
+
+    reject_reason = "queue_full"
+
+
+class DeadlineExpired(ServiceError):
+    """The request's deadline passed before the engine ran it."""
+
+    reject_reason = "deadline_exceeded"
+
+
+class EngineFailure(ServiceError):
+    """The engine raised while running a batch (already logged with its traceback)."""
+
+    reject_reason = "engine_failure"
+
+
+_CODES: dict[type[ServiceError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    EngineFailure: grpc.StatusCode.INTERNAL,
+}
+
+GENERIC_INTERNAL_MESSAGE = "internal error; the server log has the detail"
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC code an exception ends a call with."""
+    for kind, code in _CODES.items():
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(exc: BaseException, rpc: str, request_id: str = "") -> status_pb2.Status:
+    """The google.rpc.Status for an exception; unexpected ones are logged here."""
+    code = status_code(exc)
+    if isinstance(exc, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest()
+        for violation in exc.violations[:MAX_VIOLATIONS]:
+            bad_request.field_violations.add(field=violation.field, description=violation.description)
+        if len(exc.violations) > MAX_VIOLATIONS:
+            bad_request.field_violations.add(field="", description=f"{len(exc.violations) - MAX_VIOLATIONS} more violations")
+        detail = any_pb2.Any()
+        detail.Pack(bad_request)
+        return status_pb2.Status(code=code.value[0], message=str(exc), details=[detail])
+    if isinstance(exc, EngineFailure):
+        return status_pb2.Status(code=code.value[0], message=GENERIC_INTERNAL_MESSAGE)
+    if isinstance(exc, ServiceError):
+        return status_pb2.Status(code=code.value[0], message=str(exc))
+    log.error("%s failed unexpectedly (request_id=%r)", rpc, request_id, exc_info=exc)
+    return status_pb2.Status(code=code.value[0], message=GENERIC_INTERNAL_MESSAGE)

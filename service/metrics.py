@@ -1,0 +1,130 @@
+"""Prometheus metrics of one server, in a registry of its own, served on their own port.
+
+`METRIC_NAMES` is the list ops dashboards and alerts are checked against: every name
+here is what /metrics exposes (counters with their `_total`). Labels never carry a user
+or item id: only RPC names, status codes, reasons, outcomes and the model's name/version.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+QUEUE_WAIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LOSS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+METRIC_NAMES = (
+    "warmstart_requests_total",  # {rpc, code}
+    "warmstart_request_duration_seconds",  # {rpc} histogram
+    "warmstart_queue_depth",  # requests waiting for a batch
+    "warmstart_queue_wait_seconds",  # histogram: enqueue -> taken into a batch
+    "warmstart_batch_size",  # histogram: users per engine call
+    "warmstart_engine_duration_seconds",  # histogram: padding + engine + split, per batch
+    "warmstart_support_loss_before",  # histogram: a user's support loss at the initialisation
+    "warmstart_support_loss_after",  # histogram: ... after the inner steps
+    "warmstart_rejects_total",  # {reason}
+    "warmstart_model_info",  # {name, version, engine}: the model being served
+    "warmstart_model_reloads_total",  # {outcome="success"|"failure"}
+    "warmstart_model_load_failures_total",  # {reason}
+    "warmstart_ready",  # 1 once a model is loaded and warmed up, 0 before and while shutting down
+    "warmstart_gpu_memory_bytes",  # {kind="allocated"|"reserved"}, only on a GPU engine
+)
+
+
+class Metrics:
+    """All of one server's metrics; methods are what the service code records."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._requests = Counter("warmstart_requests_total", "RPCs by method and status code", ["rpc", "code"], registry=r)
+        self._latency = Histogram(
+            "warmstart_request_duration_seconds", "RPC latency in the server", ["rpc"], buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self.queue_depth = Gauge("warmstart_queue_depth", "Requests waiting to be batched", registry=r)
+        self._queue_wait = Histogram(
+            "warmstart_queue_wait_seconds", "Time from enqueue to batch", buckets=QUEUE_WAIT_BUCKETS_S, registry=r
+        )
+        self._batch_size = Histogram("warmstart_batch_size", "Users per engine call", buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self._engine = Histogram(
+            "warmstart_engine_duration_seconds", "Padding, engine run and split of one batch", buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self._loss_before = Histogram(
+            "warmstart_support_loss_before", "Support loss at the initialisation (users with interactions)", buckets=LOSS_BUCKETS, registry=r
+        )
+        self._loss_after = Histogram(
+            "warmstart_support_loss_after", "Support loss after the inner steps (users with interactions)", buckets=LOSS_BUCKETS, registry=r
+        )
+        self._rejects = Counter("warmstart_rejects_total", "Requests refused, by reason", ["reason"], registry=r)
+        self._model = Info("warmstart_model", "The model being served", registry=r)
+        self._reloads = Counter("warmstart_model_reloads_total", "Attempts to load a model version, by outcome", ["outcome"], registry=r)
+        self._load_failures = Counter(
+            "warmstart_model_load_failures_total", "Model versions refused, by reason", ["reason"], registry=r
+        )
+        self._ready = Gauge("warmstart_ready", "1 when a model is loaded and warmed up", registry=r)
+        self._gpu_memory = Gauge("warmstart_gpu_memory_bytes", "GPU memory held by the engine", ["kind"], registry=r)
+        self._request_children: dict[tuple[str, str], Callable[[], None]] = {}
+        self._latency_children: dict[str, Histogram] = {}
+
+    def request(self, rpc: str, code: str, seconds: float) -> None:
+        counter = self._request_children.get((rpc, code))
+        if counter is None:
+            counter = self._request_children[(rpc, code)] = self._requests.labels(rpc=rpc, code=code).inc
+        counter()
+        histogram = self._latency_children.get(rpc)
+        if histogram is None:
+            histogram = self._latency_children[rpc] = self._latency.labels(rpc=rpc)
+        histogram.observe(seconds)
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        self._rejects.labels(reason=reason).inc(count)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._queue_wait.observe(seconds)
+
+    def batch(self, size: int, engine_seconds: float) -> None:
+        self._batch_size.observe(size)
+        self._engine.observe(engine_seconds)
+
+    def support_loss(self, before: float, after: float) -> None:
+        self._loss_before.observe(before)
+        self._loss_after.observe(after)
+
+    def model_loaded(self, name: str, version: str, engine: str, gpu_memory: Callable[[], dict[str, int]]) -> None:
+        self._model.info({"name": name, "version": version, "engine": engine})
+        self._reloads.labels(outcome="success").inc()
+        if gpu_memory():
+            for kind in ("allocated", "reserved"):
+                self._gpu_memory.labels(kind=kind).set_function(lambda kind=kind: gpu_memory().get(kind, 0))
+
+    def model_refused(self, reason: str) -> None:
+        self._reloads.labels(outcome="failure").inc()
+        self._load_failures.labels(reason=reason).inc()
+
+    def ready(self, is_ready: bool) -> None:
+        self._ready.set(1 if is_ready else 0)
+
+
+@dataclass
+class MetricsEndpoint:
+    """The HTTP server exposing /metrics."""
+
+    port: int
+    _server: object
+    _thread: threading.Thread
+
+    def close(self) -> None:
+        self._server.shutdown()  # type: ignore[attr-defined]
+        self._server.server_close()  # type: ignore[attr-defined]
+        self._thread.join(timeout=5)
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsEndpoint:
+    """Starts the /metrics HTTP server (port 0 = a free port; see .port)."""
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return MetricsEndpoint(server.server_port, server, thread)

@@ -1,0 +1,143 @@
+"""Shape buckets, and padding users into one engine batch and splitting the result back.
+
+The graph's support length and candidate count are dynamic, but every new shape costs
+the engine (allocation plans in onnxruntime, CUDA graphs on GPU), so a batch is padded
+to the next bucket size. Padding is exact by construction: padded support entries have
+mask 0 and contribute nothing to a user's inner loop, padded query rows are all-zero
+code rows whose scores are dropped, and users in one batch do not interact (the graph
+vmaps over them).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+
+class EngineInputs(NamedTuple):
+    user_features: np.ndarray  # (B, user_width) int64
+    support_items: np.ndarray  # (B, S, item_width) int64
+    support_labels: np.ndarray  # (B, S) float32
+    support_mask: np.ndarray  # (B, S) float32, 1 = a real interaction
+    query_items: np.ndarray  # (B, Q, item_width) int64
+
+
+class EngineOutputs(NamedTuple):
+    query_scores: np.ndarray  # (B, Q) float32
+    support_loss_before: np.ndarray  # (B,) float32
+    support_loss_after: np.ndarray  # (B,) float32
+
+
+@dataclass(frozen=True, slots=True)
+class UserInputs:
+    """One user's encoded request, unpadded."""
+
+    user_features: np.ndarray  # (user_width,)
+    support_items: np.ndarray  # (n, item_width), n >= 0
+    support_labels: np.ndarray  # (n,) float32
+    query_items: np.ndarray  # (q, item_width), q >= 1
+
+    @property
+    def support_size(self) -> int:
+        return len(self.support_labels)
+
+    @property
+    def query_size(self) -> int:
+        return len(self.query_items)
+
+
+@dataclass(frozen=True, slots=True)
+class UserOutputs:
+    query_scores: np.ndarray  # (q,) float32
+    support_loss_before: float
+    support_loss_after: float
+
+
+def powers_of_two(smallest: int, largest: int) -> tuple[int, ...]:
+    """smallest, 2 * smallest, ... below largest, then largest itself."""
+    if not 1 <= smallest <= largest:
+        raise ValueError(f"need 1 <= smallest ({smallest}) <= largest ({largest})")
+    sizes = []
+    size = smallest
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    sizes.append(largest)
+    return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class ShapeBuckets:
+    """The padded sizes a batch may take along the support and query axes."""
+
+    support: tuple[int, ...]
+    query: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name, sizes in (("support", self.support), ("query", self.query)):
+            if not sizes or sizes[0] < 1 or list(sizes) != sorted(set(sizes)):
+                raise ValueError(f"{name} buckets must be increasing positive sizes, got {sizes}")
+
+    @staticmethod
+    def build(min_support: int, max_support: int, min_query: int, max_query: int) -> "ShapeBuckets":
+        return ShapeBuckets(
+            powers_of_two(min(min_support, max_support), max_support), powers_of_two(min(min_query, max_query), max_query)
+        )
+
+    def support_length(self, n: int) -> int:
+        """The padded support length for n interactions (at least 1: the graph needs one slot)."""
+        return _bucket(self.support, max(n, 1), "support")
+
+    def query_length(self, n: int) -> int:
+        return _bucket(self.query, max(n, 1), "query")
+
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(s, q) for s in self.support for q in self.query]
+
+
+def _bucket(sizes: tuple[int, ...], n: int, axis: str) -> int:
+    i = bisect.bisect_left(sizes, n)
+    if i == len(sizes):
+        raise ValueError(f"{axis} length {n} exceeds the largest bucket {sizes[-1]}")
+    return sizes[i]
+
+
+def pad_batch(users: Sequence[UserInputs], support_length: int, query_length: int) -> EngineInputs:
+    """Stacks users into one batch padded to (support_length, query_length)."""
+    b = len(users)
+    item_width = users[0].query_items.shape[1]
+    user_features = np.stack([u.user_features for u in users])
+    support_items = np.zeros((b, support_length, item_width), dtype=np.int64)
+    support_labels = np.zeros((b, support_length), dtype=np.float32)
+    support_mask = np.zeros((b, support_length), dtype=np.float32)
+    query_items = np.zeros((b, query_length, item_width), dtype=np.int64)
+    for i, user in enumerate(users):
+        n = user.support_size
+        support_items[i, :n] = user.support_items
+        support_labels[i, :n] = user.support_labels
+        support_mask[i, :n] = 1.0
+        query_items[i, : user.query_size] = user.query_items
+    return EngineInputs(user_features, support_items, support_labels, support_mask, query_items)
+
+
+def split_batch(outputs: EngineOutputs, users: Sequence[UserInputs]) -> list[UserOutputs]:
+    """Each user's unpadded share of a batch's outputs."""
+    before = outputs.support_loss_before.tolist()
+    after = outputs.support_loss_after.tolist()
+    return [
+        UserOutputs(outputs.query_scores[i, : user.query_size], before[i], after[i]) for i, user in enumerate(users)
+    ]
+
+
+def zero_batch(batch_size: int, support_length: int, query_length: int, user_width: int, item_width: int) -> EngineInputs:
+    """An all-padding batch of the given shape (warm-up)."""
+    return EngineInputs(
+        np.zeros((batch_size, user_width), dtype=np.int64),
+        np.zeros((batch_size, support_length, item_width), dtype=np.int64),
+        np.zeros((batch_size, support_length), dtype=np.float32),
+        np.zeros((batch_size, support_length), dtype=np.float32),
+        np.zeros((batch_size, query_length, item_width), dtype=np.int64),
+    )

@@ -1,0 +1,212 @@
+"""Model lifecycle: find versions in the repository, load and warm them up, swap atomically.
+
+The repository is `<repository>/<model_name>/<version>/` with integer versions; the
+highest loadable one is served. Dot-prefixed directories (an export in progress writes
+`.<version>.partial-*`) and non-integer names are ignored. A version is loaded, verified
+and warmed up (every shape bucket) in a thread while the current one keeps serving, then
+becomes current by one reference assignment on the event loop: batches already formed
+finish on the model they were encoded for. A version that fails to load is refused (log
++ metric), remembered, and not retried by polling; an explicit reload (SIGHUP) retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from service.artifact import Artifact, ArtifactError, load_artifact
+from service.config import ConfigError
+from service.engines import Engine, EngineConfig, create_engine
+from service.metrics import Metrics
+from service.padding import EngineInputs, EngineOutputs, ShapeBuckets, zero_batch
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Artifact, EngineConfig], Engine]
+
+
+class ModelLoadError(Exception):
+    """A version could not be served; `reason` labels warmstart_model_load_failures_total."""
+
+    def __init__(self, version: str, reason: str, problem: str) -> None:
+        super().__init__(f"version {version}: {problem}")
+        self.version = version
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How a version is turned into a served model."""
+
+    engine: EngineConfig
+    max_interactions: int = 128  # largest support bucket
+    max_candidates: int = 1024  # largest query bucket (or the catalog size, if larger)
+    min_support_bucket: int = 1
+    min_query_bucket: int = 16
+    warmup_batch_size: int = 32  # the largest batch the batcher forms
+
+    def __post_init__(self) -> None:
+        for name in ("max_interactions", "max_candidates", "min_support_bucket", "min_query_bucket", "warmup_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A verified, warmed-up version: what the batcher runs and the service describes."""
+
+    artifact: Artifact
+    engine: Engine
+    buckets: ShapeBuckets
+    load_seconds: float
+
+    @property
+    def name(self) -> str:
+        return self.artifact.model_name
+
+    @property
+    def version(self) -> str:
+        return self.artifact.model_version
+
+    def run(self, inputs: EngineInputs) -> EngineOutputs:
+        return self.engine.run(inputs)
+
+
+def load_model(path: Path, settings: ModelSettings, engine_factory: EngineFactory = create_engine) -> LoadedModel:
+    """Verifies, loads and warms up one version (blocking: call it in a thread)."""
+    version = path.name
+    started = time.perf_counter()
+    try:
+        artifact = load_artifact(path)
+    except ArtifactError as exc:
+        raise ModelLoadError(version, exc.reason, str(exc)) from exc
+    if artifact.model_version != version:
+        raise ModelLoadError(
+            version, "manifest", f"manifest.json says version {artifact.model_version!r}, the directory is {version!r}"
+        )
+    try:
+        engine = engine_factory(artifact, settings.engine)
+    except ArtifactError as exc:
+        raise ModelLoadError(version, exc.reason, str(exc)) from exc
+    except Exception as exc:  # onnxruntime and torch raise their own types for unloadable graphs
+        raise ModelLoadError(version, "engine", f"the engine could not load it: {exc}") from exc
+    max_query = max(settings.max_candidates, artifact.catalog.size)
+    buckets = ShapeBuckets.build(settings.min_support_bucket, settings.max_interactions, settings.min_query_bucket, max_query)
+    try:
+        warm_up(engine, buckets, artifact, settings.warmup_batch_size)
+    except Exception as exc:
+        raise ModelLoadError(version, "warmup", f"warm-up failed: {exc}") from exc
+    return LoadedModel(artifact, engine, buckets, time.perf_counter() - started)
+
+
+def warm_up(engine: Engine, buckets: ShapeBuckets, artifact: Artifact, batch_size: int) -> None:
+    """Runs every (support, query) bucket at batch 1 and at the largest batch, so that no
+    request pays for a first run (allocation plans, kernel selection) and a broken graph
+    is refused before it serves."""
+    encoder = artifact.encoder
+    for support_length, query_length in buckets.shapes():
+        for b in sorted({1, batch_size}):
+            outputs = engine.run(zero_batch(b, support_length, query_length, encoder.user_width, encoder.item_width))
+            if outputs.query_scores.shape != (b, query_length):
+                raise RuntimeError(f"query_scores has shape {outputs.query_scores.shape}, expected {(b, query_length)}")
+
+
+def list_versions(model_dir: Path) -> list[str]:
+    """Integer version directories, highest first (dot-prefixed and other names ignored)."""
+    if not model_dir.is_dir():
+        return []
+    names = [p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(names, key=lambda n: (int(n), n), reverse=True)
+
+
+def resolve_model_name(repository: Path, model_name: str) -> str:
+    """The configured model name, or the repository's only model when none is configured."""
+    if model_name:
+        return model_name
+    models = sorted(p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(models) != 1:
+        found = ", ".join(models) or "none"
+        raise ConfigError(f"--model-name is needed: the repository {repository} holds {len(models)} models ({found})")
+    return models[0]
+
+
+class ModelManager:
+    """Holds the model being served and replaces it when a better version appears."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        load: Callable[[Path], LoadedModel],
+        metrics: Metrics,
+        on_loaded: Callable[[LoadedModel], Awaitable[None]],
+    ) -> None:
+        self._model_dir = model_dir
+        self._load = load
+        self._metrics = metrics
+        self._on_loaded = on_loaded
+        self._current: LoadedModel | None = None
+        self._refused: dict[str, str] = {}  # version -> why
+        self._lock = asyncio.Lock()
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    def refused(self) -> dict[str, str]:
+        return dict(self._refused)
+
+    async def refresh(self, retry_refused: bool = False) -> LoadedModel | None:
+        """Serves the highest loadable version; returns the model now served (or None).
+
+        Versions are tried from the highest down to the one being served; the first that
+        loads replaces it. retry_refused: try versions refused before (SIGHUP) too.
+        """
+        async with self._lock:
+            if retry_refused:
+                self._refused.clear()
+            current = self._current
+            log.debug("checking %s for versions (serving %s)", self._model_dir, current.version if current else "none")
+            for version in list_versions(self._model_dir):
+                if current is not None and version == current.version:
+                    break
+                if version in self._refused:
+                    continue
+                try:
+                    model = await asyncio.to_thread(self._load, self._model_dir / version)
+                except ModelLoadError as exc:
+                    self._refuse(version, exc.reason, str(exc))
+                    continue
+                except Exception as exc:
+                    log.error("loading version %s failed unexpectedly", version, exc_info=exc)
+                    self._refuse(version, "unexpected", f"version {version}: {type(exc).__name__}: {exc}")
+                    continue
+                self._current = model
+                log.info(
+                    "serving %s version %s (%s) loaded and warmed up in %.2f s (%d shape buckets)",
+                    model.name, model.version, model.engine.description, model.load_seconds, len(model.buckets.shapes()),
+                )
+                self._metrics.model_loaded(model.name, model.version, model.engine.description, model.engine.gpu_memory_bytes)
+                await self._on_loaded(model)
+                break
+            if self._current is None:
+                log.warning("no loadable version of %s yet: the server is not ready", self._model_dir)
+            return self._current
+
+    async def poll(self, interval_s: float) -> None:
+        """Refreshes every interval_s seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except OSError as exc:  # the repository may be briefly unreadable (a remount): try next time
+                log.error("scanning %s failed: %s", self._model_dir, exc)
+
+    def _refuse(self, version: str, reason: str, problem: str) -> None:
+        self._refused[version] = problem
+        self._metrics.model_refused(reason)
+        serving = f"still serving version {self._current.version}" if self._current else "no version is being served"
+        log.error("refused %s: %s (%s)", self._model_dir / version, problem, serving)
