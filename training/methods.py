@@ -277,7 +277,9 @@ def meta_train(
         and inner_config.prior_pull
         and inner_config.learning_rate_kind == "per_parameter"
     ):
-        # Start at the tuned bias baseline plus a ridge fold-in of the user factors.
+        # Start at the tuned bias baseline plus a ridge fold-in of the user factors, its
+        # ridge weight tuned on the validation users like every baseline's.
+        model_config = _tune_fold_in(model_config, inner_config, prep, params, dataset, valid_tasks, support_sizes)
         start = warmstart_inner_start(model_config, prep)
         adapted = set(model_config.adapted_names())
         params.update({k: v for k, v in start.items() if k.split(".", 2)[2] in adapted})
@@ -300,6 +302,32 @@ def meta_train(
     result = trainer.run(log_path=log_path)
     adapted = AdaptedModel(model_config, inner_config, prep.schema, dataset.label, result.params)
     return adapted, result, prep
+
+
+FOLD_IN_GRID = (3.0, 10.0, 30.0, 100.0, 300.0)
+
+
+def _tune_fold_in(
+    model_config: M.ModelConfig,
+    inner_config: InnerLoopConfig,
+    prep: Prepared,
+    params: M.Params,
+    dataset: Dataset,
+    valid_tasks: Sequence[Task],
+    support_sizes: Sequence[int | None],
+) -> M.ModelConfig:
+    """The fold-in ridge weight with the lowest validation loss at the starting point."""
+    if prep.factor_moment is None or "user.factors" not in model_config.adapted_names() or not valid_tasks:
+        return model_config
+    scores = {}
+    for weight in FOLD_IN_GRID:
+        candidate = replace(model_config, fold_in_l2=weight)
+        start = {**params, **warmstart_inner_start(candidate, prep)}
+        model = AdaptedModel(candidate, inner_config, prep.schema, dataset.label, {k: v.detach() for k, v in start.items()})
+        scores[weight] = validation_loss(model, prep.catalog, valid_tasks, support_sizes)
+    best = min(scores, key=scores.__getitem__)
+    log.info("fold-in ridge weight %.3g (validation loss %.4f; grid %s)", best, scores[best], {k: round(v, 4) for k, v in scores.items()})
+    return replace(model_config, fold_in_l2=best)
 
 
 @dataclass

@@ -142,6 +142,7 @@ def train_and_export(
         config.train,
         support_sizes=config.train.validation_support_sizes,
         checkpoint_dir=workdir / "checkpoint" if workdir else None,
+        log_path=workdir / "train_log.jsonl" if workdir else None,
         progress=progress,
     )
     evaluation = validation_evaluation(dataset, adapted, prep.catalog, valid_tasks, train, config.train.validation_support_sizes)
