@@ -49,8 +49,11 @@ protos: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/hadolint Dockerfile
 
+## The engine benchmark (bench/README.md): `make bench BENCH_ARGS="--quick"`,
+## `make bench BENCH_ARGS="--artifact models/warmstart/1"`. On a GPU machine without network: bench/gpu_check.sh.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) bench/engine.py
+	$(PY) bench/engine.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from service.engines import DEVICES, ENGINE_KINDS
+from service.engines import DEVICES, ENGINE_KINDS, PRECISIONS
 
 ENV_PREFIX = "WARMSTART_"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -69,6 +69,13 @@ class ServiceConfig:
     ort_intra_op_threads: int = _option(1, "onnxruntime threads inside one operator; 0 = one per core", int, "N")
     ort_inter_op_threads: int = _option(1, "onnxruntime threads across operators", int, "N")
     torch_threads: int = _option(1, "torch CPU threads (torch engine); 0 = torch's default", int, "N")
+    cuda_graphs: bool = _option(True, "torch engine on CUDA: replay one captured CUDA graph per shape bucket", _bool, "BOOL")
+    precision: str = _option(
+        "fp32",
+        f"torch engine matmuls: {' | '.join(PRECISIONS)}; tf32/bf16 only if the scores stay within 1e-3 of fp32 (checked at load)",
+        str,
+        "P",
+    )
     # Batching.
     max_batch_size: int = _option(32, "most users in one engine call", int, "N")
     max_wait_s: float = _option(
@@ -109,6 +116,8 @@ class ServiceConfig:
             fail("engine", f"must be one of {', '.join(ENGINE_KINDS)}, got {self.engine!r}")
         if self.device not in DEVICES:
             fail("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("ort_intra_op_threads", "ort_inter_op_threads", "torch_threads"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")

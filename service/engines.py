@@ -5,27 +5,49 @@ Two implementations with one interface, chosen by configuration:
 - onnxruntime on model.onnx: the CPU provider, or CUDA where onnxruntime-gpu finds a GPU;
 - torch on model.pt2 (`torch.export.load(...).module()`), on CUDA when there is a GPU,
   else on CPU. torch is imported only here, only when this engine is chosen, so an
-  onnxruntime-only deployment does not need it.
+  onnxruntime-only deployment does not need it. On CUDA it runs as `CudaGraphEngine`:
+  one CUDA graph captured per shape bucket and replayed, so that a batch costs a few
+  copies and one graph launch instead of hundreds of kernel launches from Python.
 
-Each engine checks the graph it loaded against the manifest's GraphSpec before use.
+Each engine checks the graph it loaded against the manifest's GraphSpec before use. The
+torch engines can run matmuls in TF32 or bfloat16 (`precision`), but only if a check at
+load finds the query scores within PRECISION_TOLERANCE of float32; otherwise they log
+why and run float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Callable, Generic, Hashable, Iterator, Literal, NamedTuple, Protocol, TypeVar
+
+import numpy as np
 
 from service.artifact import INPUT_NAMES, OUTPUT_NAMES, Artifact, GraphMismatchError, TensorSignature
-from service.padding import EngineInputs, EngineOutputs
+from service.padding import (
+    EngineInputs,
+    EngineOutputs,
+    batch_bucket,
+    batch_slices,
+    concat_outputs,
+    fill_padded,
+    powers_of_two,
+    take_users,
+)
 
 log = logging.getLogger(__name__)
 
 EngineKind = Literal["onnxruntime", "torch"]
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "tf32", "bf16"]
 ENGINE_KINDS: tuple[str, ...] = ("onnxruntime", "torch")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+PRECISION_TOLERANCE = 1e-3  # largest query-score difference from float32 a reduced precision may make
 
 
 class EngineError(RuntimeError):
@@ -54,21 +76,32 @@ class EngineConfig:
     ort_intra_op_threads: int = 1  # threads inside one operator; 0 = onnxruntime's default (one per core)
     ort_inter_op_threads: int = 1  # threads across operators (the graph is a chain: 1 is right)
     torch_threads: int = 1  # torch.set_num_threads on CPU; 0 = leave torch's default
+    cuda_graphs: bool = True  # torch on CUDA: one captured CUDA graph per shape bucket (else eager)
+    precision: Precision = "fp32"  # torch: tf32 / bf16 matmuls, kept only if scores stay within PRECISION_TOLERANCE
+    max_graph_batch: int = 1024  # largest batch bucket of the CUDA graphs; larger batches run in chunks
+    max_cuda_graphs: int = 512  # captured graphs kept; beyond, the least recently used is dropped
 
     def __post_init__(self) -> None:
         if self.kind not in ENGINE_KINDS:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_KINDS)}, got {self.kind!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("ort_intra_op_threads", "ort_inter_op_threads", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        for name in ("max_graph_batch", "max_cuda_graphs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
 
 
 def create_engine(artifact: Artifact, config: EngineConfig) -> Engine:
     """The configured engine over an artifact's graph (checked against the manifest)."""
     if config.kind == "onnxruntime":
         return OnnxRuntimeEngine(artifact, config)
+    if config.cuda_graphs and _torch_device(config).type == "cuda":
+        return CudaGraphEngine(artifact, config)
     return TorchEngine(artifact, config)
 
 
@@ -124,48 +157,351 @@ def _ort_signature(arg) -> TensorSignature:
     return TensorSignature(arg.name, _ORT_DTYPES.get(arg.type, arg.type), dims)  # type: ignore[arg-type]
 
 
+def _torch_device(config: EngineConfig):
+    """The torch device an EngineConfig asks for (raises EngineError for cuda without CUDA)."""
+    import torch
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device cuda requested but torch sees no CUDA device")
+    if config.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _load_program(artifact: Artifact, device):
+    """model.pt2 as a module on `device`, checked against the manifest."""
+    import torch
+
+    file = artifact.manifest.graph.torch_export_file
+    program = torch.export.load(str(artifact.torch_export_path))
+    inputs, outputs = _program_signature(program)
+    if [t.name for t in inputs] != list(INPUT_NAMES):
+        raise GraphMismatchError(file, f"inputs {[t.name for t in inputs]}, expected {list(INPUT_NAMES)} in that order")
+    if len(outputs) != len(OUTPUT_NAMES):
+        raise GraphMismatchError(file, f"{len(outputs)} outputs, expected {len(OUTPUT_NAMES)}")
+    # The program's outputs are unnamed: they are the manifest's outputs in OUTPUT_NAMES order.
+    named_outputs = [TensorSignature(name, t.dtype, t.shape) for name, t in zip(OUTPUT_NAMES, outputs)]
+    artifact.check_graph(file, inputs, named_outputs, extra_inputs_ok=True)
+    return program.module().to(device)
+
+
+@contextlib.contextmanager
+def numerics(precision: Precision, device) -> Iterator[None]:
+    """The matmul precision for torch ops run (or captured) inside the block.
+
+    fp32 pins IEEE float32 matmuls on CUDA, whatever the process-wide TF32 setting; tf32
+    allows TF32 there; bf16 autocasts matmuls to bfloat16 (on CPU too)."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    if device.type == "cuda":
+        matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    try:
+        if precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+                yield
+        else:
+            yield
+    finally:
+        matmul.fp32_precision = previous
+
+
+def sample_inputs(artifact: Artifact, batch: int, support: int, query: int, rng: np.random.Generator) -> EngineInputs:
+    """A realistic random batch: catalog items, random user attribute codes, labels in the
+    label range, ragged support sets (prefix masks; the first user has none)."""
+    encoder = artifact.encoder
+
+    def codes(fields, width: int, lead: tuple[int, ...]) -> np.ndarray:
+        out = np.zeros((*lead, width), dtype=np.int64)
+        for f in fields:
+            out[..., f.offset : f.offset + f.width] = rng.integers(0, f.num_codes, size=(*lead, f.width))
+        return out
+
+    def items(n: int) -> np.ndarray:
+        catalog = artifact.catalog.codes
+        if len(catalog) == 0:
+            return codes(encoder.item_fields, encoder.item_width, (batch, n))
+        return catalog[rng.integers(0, len(catalog), size=(batch, n))]
+
+    users = codes(encoder.user_fields, encoder.user_width, (batch,))
+    lengths = rng.integers(0, support + 1, size=batch)
+    lengths[0] = 0
+    mask = (np.arange(support)[None, :] < lengths[:, None]).astype(np.float32)
+    if artifact.label.kind == "click":
+        labels = rng.integers(0, 2, size=(batch, support)).astype(np.float32)
+    else:
+        labels = rng.uniform(artifact.label.min_value, artifact.label.max_value, size=(batch, support)).astype(np.float32)
+    return EngineInputs(users, items(support), labels * mask, mask, items(query))
+
+
+PRECISION_CHECK_SHAPES = ((1, 4, 16), (16, 32, 128))  # (batch, support, query) of the load-time check
+
+
+def score_difference(reference: EngineOutputs, candidate: EngineOutputs) -> float:
+    """Largest query-score difference (infinite when the candidate is not finite)."""
+    if not np.all(np.isfinite(candidate.query_scores)):
+        return float("inf")
+    return float(np.max(np.abs(reference.query_scores - candidate.query_scores), initial=0.0))
+
+
+def choose_precision(
+    requested: Precision,
+    device_type: str,
+    run: Callable[[EngineInputs, Precision], EngineOutputs],
+    batches: list[EngineInputs],
+    tolerance: float = PRECISION_TOLERANCE,
+) -> tuple[Precision, float]:
+    """The precision to run: `requested` if its scores stay within `tolerance` of float32
+    on `batches` (run(batch, precision) computes them), else fp32 with a log line.
+    Returns it with the largest difference found (0 for fp32, inf when not applicable)."""
+    if requested == "fp32":
+        return "fp32", 0.0
+    if requested == "tf32" and device_type != "cuda":
+        log.warning("precision tf32 refused: TF32 is a CUDA matmul mode, this engine runs on %s; running fp32", device_type)
+        return "fp32", float("inf")
+    difference = max(score_difference(run(batch, "fp32"), run(batch, requested)) for batch in batches)
+    if difference > tolerance:
+        log.warning(
+            "precision %s refused: query scores differ from fp32 by up to %.2e (tolerance %.0e); running fp32",
+            requested,
+            difference,
+            tolerance,
+        )
+        return "fp32", difference
+    log.info("precision %s accepted: query scores within %.2e of fp32", requested, difference)
+    return requested, difference
+
+
+def _check_batches(artifact: Artifact, precision: Precision) -> list[EngineInputs]:
+    """The precision check's batches (none needed for fp32)."""
+    if precision == "fp32":
+        return []
+    rng = np.random.default_rng(0)
+    return [sample_inputs(artifact, b, s, q, rng) for b, s, q in PRECISION_CHECK_SHAPES]
+
+
 class TorchEngine:
-    """model.pt2, the torch.export program, run eagerly."""
+    """model.pt2, the torch.export program, run eagerly (CPU, or CUDA without graphs)."""
 
     def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
         import torch
 
         self._torch = torch
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise EngineError("device cuda requested but torch sees no CUDA device")
-        use_cuda = config.device != "cpu" and torch.cuda.is_available()
-        self._device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        self._device = _torch_device(config)
+        use_cuda = self._device.type == "cuda"
         if not use_cuda and config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        file = artifact.manifest.graph.torch_export_file
-        program = torch.export.load(str(artifact.torch_export_path))
-        inputs, outputs = _program_signature(program)
-        if [t.name for t in inputs] != list(INPUT_NAMES):
-            raise GraphMismatchError(file, f"inputs {[t.name for t in inputs]}, expected {list(INPUT_NAMES)} in that order")
-        if len(outputs) != len(OUTPUT_NAMES):
-            raise GraphMismatchError(file, f"{len(outputs)} outputs, expected {len(OUTPUT_NAMES)}")
-        # The program's outputs are unnamed: they are the manifest's outputs in OUTPUT_NAMES order.
-        named_outputs = [TensorSignature(name, t.dtype, t.shape) for name, t in zip(OUTPUT_NAMES, outputs)]
-        artifact.check_graph(file, inputs, named_outputs, extra_inputs_ok=True)
-        self._module = program.module().to(self._device)
+        self._module = _load_program(artifact, self._device)
         self.on_gpu = use_cuda
-        self.description = f"torch:{self._device}"
+        checks = _check_batches(artifact, config.precision)
+        self.precision, _ = choose_precision(config.precision, self._device.type, self._run, checks)
+        suffix = "" if self.precision == "fp32" else f" ({self.precision})"
+        self.description = f"torch:{self._device}{suffix}"
+
+    def _run(self, inputs: EngineInputs, precision: Precision) -> EngineOutputs:
+        torch = self._torch
+        with torch.no_grad(), numerics(precision, self._device):
+            args = [torch.from_numpy(a).to(self._device, non_blocking=True) for a in inputs]
+            outputs = self._module(*args)
+            return EngineOutputs(*(o.detach().float().cpu().numpy() for o in outputs))
+
+    def run(self, inputs: EngineInputs) -> EngineOutputs:
+        return self._run(inputs, self.precision)
+
+    def gpu_memory_bytes(self) -> dict[str, int]:
+        return _cuda_memory(self._torch, self._device) if self.on_gpu else {}
+
+
+def _cuda_memory(torch, device) -> dict[str, int]:
+    return {"allocated": int(torch.cuda.memory_allocated(device)), "reserved": int(torch.cuda.memory_reserved(device))}
+
+
+class GraphKey(NamedTuple):
+    """The shape a captured graph runs: padded batch, support length, candidate count."""
+
+    batch: int
+    support: int
+    query: int
+
+
+def graph_key(batch_buckets: tuple[int, ...], inputs: EngineInputs) -> GraphKey:
+    """The graph that runs a batch: its user count rounded up to a batch bucket; support
+    and query lengths as given (the batcher already padded them to its buckets)."""
+    users, support = inputs.support_mask.shape
+    return GraphKey(batch_bucket(batch_buckets, users), support, inputs.query_items.shape[1])
+
+
+T = TypeVar("T")
+
+
+class GraphCache(Generic[T]):
+    """Captured graphs by key; beyond `capacity` the least recently used one is dropped
+    (its memory returns to the shared pool). Not thread-safe: the engine holds a lock."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.captures = 0  # graphs ever built (a key dropped and needed again counts twice)
+        self._entries: OrderedDict[Hashable, T] = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        entry = build()
+        self.captures += 1
+        self._entries[key] = entry
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return entry
+
+    def keys(self) -> list[Hashable]:
+        """Keys from least to most recently used."""
+        return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_INPUT_DTYPES = ("int64", "int64", "float32", "float32", "int64")
+
+
+class StaticGraph:
+    """One shape bucket: static device buffers the graph reads and writes, page-locked
+    host buffers to stage them, and the captured CUDA graph.
+
+    A run fills the host buffers (the request in the leading corner, zeros around it),
+    copies them to the device, replays, copies the outputs back, all queued on one
+    stream without waiting, and synchronises once, for the result. On CPU (tests) the
+    same buffers are used and "replay" runs the module eagerly on them."""
+
+    def __init__(self, torch, module, key: GraphKey, widths: tuple[int, int], device, precision: Precision, pool, stream) -> None:
+        self._torch = torch
+        self._module = module
+        self._device = device
+        self._precision = precision
+        self._stream = stream
+        self.key = key
+        b, s, q = key
+        user_width, item_width = widths
+        shapes = ((b, user_width), (b, s, item_width), (b, s), (b, s), (b, q, item_width))
+        on_cuda = device.type == "cuda"
+        dtypes = [getattr(torch, d) for d in _INPUT_DTYPES]
+        self.host_inputs = [torch.zeros(sh, dtype=dt, pin_memory=on_cuda) for sh, dt in zip(shapes, dtypes)]
+        self.device_inputs = [torch.zeros(sh, dtype=dt, device=device) for sh, dt in zip(shapes, dtypes)]
+        self._host_input_arrays = [t.numpy() for t in self.host_inputs]
+        self.graph = None
+        if on_cuda:
+            self.device_outputs = self._capture(pool)
+            # Once per bucket: the buffers' zero fills ran on the default stream, and
+            # batches are copied in on the engine's own stream.
+            torch.cuda.synchronize(device)
+        else:
+            self.device_outputs = self._forward()
+        # float32 on the host whatever the graph computed in (bf16 matmuls still give float32 scores).
+        self.host_outputs = [torch.empty(o.shape, dtype=torch.float32, pin_memory=on_cuda) for o in self.device_outputs]
+        self._host_output_arrays = [t.numpy() for t in self.host_outputs]
+
+    def _forward(self):
+        torch = self._torch
+        with torch.no_grad(), numerics(self._precision, self._device):
+            return list(self._module(*self.device_inputs))
+
+    def _capture(self, pool):
+        torch = self._torch
+        # One eager run first, on a side stream as capture requires: it allocates what the
+        # graph's kernels need (cuBLAS workspaces, lazily built kernels) outside capture.
+        side = torch.cuda.Stream(self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):
+            self._forward()
+        torch.cuda.current_stream(self._device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            outputs = self._forward()
+        return outputs
 
     def run(self, inputs: EngineInputs) -> EngineOutputs:
         torch = self._torch
-        with torch.no_grad():
-            args = [torch.from_numpy(a).to(self._device, non_blocking=True) for a in inputs]
-            outputs = self._module(*args)
-            return EngineOutputs(*(o.detach().cpu().numpy() for o in outputs))
+        users, query = inputs.query_items.shape[:2]
+        for target, source in zip(self._host_input_arrays, inputs):
+            fill_padded(target, source)
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            for device_tensor, host_tensor in zip(self.device_inputs, self.host_inputs):
+                device_tensor.copy_(host_tensor, non_blocking=True)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.device_outputs = self._forward()
+            for host_tensor, device_tensor in zip(self.host_outputs, self.device_outputs):
+                host_tensor.copy_(device_tensor, non_blocking=True)
+        if self._stream is not None:
+            self._stream.synchronize()  # the batch's one wait: its results are on the host
+        scores, before, after = self._host_output_arrays
+        # Copies: the host buffers are overwritten by the next batch.
+        return EngineOutputs(scores[:users, :query].copy(), before[:users].copy(), after[:users].copy())
+
+
+class CudaGraphEngine:
+    """model.pt2 with one captured CUDA graph per shape bucket (see StaticGraph).
+
+    A batch is padded to the next batch bucket (powers of two up to max_graph_batch;
+    larger batches run in chunks); padded users have no support and all-padding
+    candidates, and their outputs are dropped. Graphs are captured when a shape is first
+    seen (the model lifecycle's warm-up covers the batcher's buckets at batch 1 and at
+    the largest batch) and share one memory pool: the engine runs one batch at a time.
+
+    On a CPU device (`device="cpu"`, tests) everything but the capture runs: buckets,
+    staging buffers, padding and splitting, with eager "replays"."""
+
+    def __init__(self, artifact: Artifact, config: EngineConfig, device: str | None = None) -> None:
+        import torch
+
+        self._torch = torch
+        self._device = torch.device(device) if device is not None else _torch_device(config)
+        on_cuda = self._device.type == "cuda"
+        if not on_cuda and config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self._module = _load_program(artifact, self._device)
+        self._widths = (artifact.encoder.user_width, artifact.encoder.item_width)
+        self.batch_buckets = powers_of_two(1, config.max_graph_batch)
+        self.graphs: GraphCache[StaticGraph] = GraphCache(config.max_cuda_graphs)
+        self._lock = threading.Lock()
+        self._stream = torch.cuda.Stream(self._device) if on_cuda else None
+        self._pool = torch.cuda.graph_pool_handle() if on_cuda else None
+        self.on_gpu = on_cuda
+        checks = _check_batches(artifact, config.precision)
+        self.precision, _ = choose_precision(config.precision, self._device.type, self._eager, checks)
+        kind = "CUDA graphs" if on_cuda else "static buckets"
+        self.description = f"torch:{self._device} ({kind}, {self.precision})"
+
+    def _eager(self, inputs: EngineInputs, precision: Precision) -> EngineOutputs:
+        """The program run directly (the precision check's reference)."""
+        torch = self._torch
+        with torch.no_grad(), numerics(precision, self._device):
+            outputs = self._module(*(torch.from_numpy(a).to(self._device) for a in inputs))
+            return EngineOutputs(*(o.float().cpu().numpy() for o in outputs))
+
+    def _build(self, key: GraphKey) -> StaticGraph:
+        what = "capturing a CUDA graph" if self.on_gpu else "allocating static buffers"
+        log.info("%s for batch %d, support %d, query %d", what, *key)
+        return StaticGraph(self._torch, self._module, key, self._widths, self._device, self.precision, self._pool, self._stream)
+
+    def run(self, inputs: EngineInputs) -> EngineOutputs:
+        users = len(inputs.user_features)
+        parts = []
+        with self._lock:
+            for rows in batch_slices(users, self.batch_buckets[-1]):
+                chunk = take_users(inputs, rows)
+                key = graph_key(self.batch_buckets, chunk)
+                parts.append(self.graphs.get(key, lambda: self._build(key)).run(chunk))
+        return concat_outputs(parts)
 
     def gpu_memory_bytes(self) -> dict[str, int]:
-        if not self.on_gpu:
-            return {}
-        torch = self._torch
-        return {
-            "allocated": int(torch.cuda.memory_allocated(self._device)),
-            "reserved": int(torch.cuda.memory_reserved(self._device)),
-        }
+        return _cuda_memory(self._torch, self._device) if self.on_gpu else {}
 
 
 def _program_signature(program) -> tuple[list[TensorSignature], list[TensorSignature]]:

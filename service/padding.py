@@ -105,6 +105,49 @@ def _bucket(sizes: tuple[int, ...], n: int, axis: str) -> int:
     return sizes[i]
 
 
+def batch_bucket(sizes: tuple[int, ...], users: int) -> int:
+    """The padded batch size for `users` users: the smallest bucket that holds them."""
+    if users < 1:
+        raise ValueError(f"a batch needs at least one user, got {users}")
+    return _bucket(sizes, users, "batch")
+
+
+def batch_slices(users: int, largest: int) -> list[slice]:
+    """Consecutive chunks of at most `largest` users covering a batch of `users`."""
+    if users < 1 or largest < 1:
+        raise ValueError(f"need users >= 1 and largest >= 1, got {users} and {largest}")
+    return [slice(start, min(start + largest, users)) for start in range(0, users, largest)]
+
+
+def take_users(inputs: EngineInputs, rows: slice) -> EngineInputs:
+    """The users `rows` of a batch (views, no copy)."""
+    return EngineInputs(*(a[rows] for a in inputs))
+
+
+def concat_outputs(parts: Sequence[EngineOutputs]) -> EngineOutputs:
+    """The outputs of consecutive chunks of one batch, joined back in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return EngineOutputs(*(np.concatenate(arrays) for arrays in zip(*parts)))
+
+
+def fill_padded(target: np.ndarray, source: np.ndarray) -> None:
+    """Copies `source` into the leading corner of the larger `target` and zeroes the rest.
+
+    Only the padding region is cleared (not the whole buffer first): a staging buffer of
+    a large bucket is rewritten in one pass. Zero is padding everywhere: code PAD, mask 0,
+    label 0."""
+    if source.ndim != target.ndim or any(s > t for s, t in zip(source.shape, target.shape)):
+        raise ValueError(f"cannot pad shape {source.shape} into {target.shape}")
+    corner = tuple(slice(0, n) for n in source.shape)
+    target[corner] = source
+    for axis, n in enumerate(source.shape):
+        if n < target.shape[axis]:
+            # Rows inside the corner along the earlier axes, beyond it along this one: the
+            # pieces are disjoint and together cover everything outside the corner.
+            target[corner[:axis] + (slice(n, None),)] = 0
+
+
 def pad_batch(users: Sequence[UserInputs], support_length: int, query_length: int) -> EngineInputs:
     """Stacks users into one batch padded to (support_length, query_length)."""
     b = len(users)

@@ -141,6 +141,8 @@ async def create_server(config: ServiceConfig, engine_factory: EngineFactory = c
             ort_intra_op_threads=config.ort_intra_op_threads,
             ort_inter_op_threads=config.ort_inter_op_threads,
             torch_threads=config.torch_threads,
+            cuda_graphs=config.cuda_graphs,
+            precision=config.precision,  # type: ignore[arg-type]
         ),
         max_interactions=config.max_interactions,
         max_candidates=config.max_candidates,

@@ -203,15 +203,8 @@ def _pool(table: Tensor, codes: Tensor) -> Tensor:
         total = total + torch.nn.functional.embedding(slot_codes, rows_table)
     if width > 1:
         count = (codes != PAD).to(table.dtype).sum(-1, keepdim=True).clamp(min=1.0)  # (..., 1)
-        total = total * count.reciprocal()  # a multiply: several times faster than a divide
+        total = total / count
     return total if table.dim() == 2 else total.squeeze(-1)
-
-
-def _gather(table: Tensor, ids: Tensor) -> Tensor:
-    """table[ids] for 1-D or 2-D tables, as one ONNX Gather."""
-    if table.dim() == 2:
-        return torch.nn.functional.embedding(ids, table)
-    return torch.nn.functional.embedding(ids, table.unsqueeze(-1)).squeeze(-1)
 
 
 def _total(terms: list[Tensor]) -> Tensor:
@@ -232,9 +225,10 @@ def item_repr(config: ModelConfig, schema: FeatureSchema, params: Params, items:
     """
     if config.kind == "bias_factor":
         # One table per field holding [bias | factors] in each row: one gather per slot
-        # instead of two (gathering a row costs about as much as gathering a scalar).
-        # Sums of gathered rows only: creating tensors here (torch.zeros) would bake a
-        # device into the exported graph.
+        # instead of two (gathering a row costs about as much as gathering a scalar). The
+        # tables depend on parameters only: onnxruntime folds them into constants at load;
+        # model.pt2 rebuilds them per call, O(codes x d). Sums of gathered rows only:
+        # creating tensors here (torch.zeros) would bake a device into the exported graph.
         terms: list[Tensor] = []
         for f in schema.item_fields:
             codes = _slots(items, f)
@@ -243,7 +237,7 @@ def item_repr(config: ModelConfig, schema: FeatureSchema, params: Params, items:
                     continue
                 bias = params["item.base_bias"] + params["item.id_bias"]
                 table = torch.cat([bias.unsqueeze(-1), params["item.id_factors"]], dim=-1)  # (codes, 1 + d)
-                terms.append(_gather(table, codes.squeeze(-1)))
+                terms.append(torch.nn.functional.embedding(codes.squeeze(-1), table))  # one Gather
             else:
                 bias = params[f"item.attr_bias.{f.name}"]
                 table = torch.cat([bias.unsqueeze(-1), params[f"item.attr_factors.{f.name}"]], dim=-1)
