@@ -30,6 +30,7 @@ from service.errors import FieldViolation, InvalidArgument
 from warmstart.v1 import manifest_pb2 as pb
 
 MANIFEST_FILE = "manifest.json"
+MANIFEST_DIGEST_FILE = "manifest.sha256"  # the manifest's own sha256, in sha256sum format
 SUPPORTED_SCHEMA_VERSIONS = (pb.MANIFEST_SCHEMA_V1,)
 INPUT_NAMES = ("user_features", "support_items", "support_labels", "support_mask", "query_items")
 OUTPUT_NAMES = ("query_scores", "support_loss_before", "support_loss_after")
@@ -340,10 +341,15 @@ def read_manifest(path: Path) -> pb.ArtifactManifest:
     """Parses manifest.json; the schema version is checked before the rest is interpreted."""
     file = path / MANIFEST_FILE
     try:
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
     except FileNotFoundError:
         raise MissingFileError(MANIFEST_FILE, f"no manifest in {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ManifestError(MANIFEST_FILE, f"unreadable: {exc}") from exc
+    _check_manifest_digest(path, data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ManifestError(MANIFEST_FILE, f"unreadable: {exc}") from exc
     try:
         raw = json.loads(text)
@@ -359,6 +365,22 @@ def read_manifest(path: Path) -> pb.ArtifactManifest:
         return json_format.ParseDict(raw, pb.ArtifactManifest())
     except json_format.ParseError as exc:
         raise ManifestError(MANIFEST_FILE, f"does not match ArtifactManifest: {exc}") from exc
+
+
+def _check_manifest_digest(path: Path, manifest_bytes: bytes) -> None:
+    """The manifest's bytes must match manifest.sha256 (`<hex>  manifest.json`)."""
+    try:
+        line = (path / MANIFEST_DIGEST_FILE).read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise MissingFileError(MANIFEST_DIGEST_FILE, "the manifest's digest file is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(MANIFEST_DIGEST_FILE, f"unreadable: {exc}") from exc
+    parts = line.split()
+    if len(parts) != 2 or parts[1].lstrip("*") != MANIFEST_FILE or len(parts[0]) != 64:
+        raise ManifestError(MANIFEST_DIGEST_FILE, f"expected '<sha256>  {MANIFEST_FILE}', got {line[:100]!r}")
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    if digest != parts[0].lower():
+        raise ChecksumMismatchError(MANIFEST_FILE, f"sha256 {digest} does not match {MANIFEST_DIGEST_FILE} ({parts[0]})")
 
 
 def sha256_file(path: Path) -> str:
@@ -391,7 +413,7 @@ def verify_files(path: Path, manifest: pb.ArtifactManifest) -> None:
             raise ChecksumMismatchError(relative, f"sha256 {digest} does not match the manifest's {entry.sha256}")
     for file in sorted(p for p in path.rglob("*") if not p.is_dir()):
         relative = file.relative_to(path).as_posix()
-        if relative != MANIFEST_FILE and relative not in listed:
+        if relative not in (MANIFEST_FILE, MANIFEST_DIGEST_FILE) and relative not in listed:
             raise UnlistedFileError(relative, "present in the artifact but not listed in the manifest")
 
 

@@ -3,6 +3,7 @@
 The artifact is the directory `<repository>/<model_name>/<version>/`:
 
     manifest.json          the ArtifactManifest (protos/warmstart/v1/manifest.proto)
+    manifest.sha256        the manifest's own sha256 (sha256sum format)
     init.safetensors       the meta-learned initialisation and learned inner-loop parameters
     model.onnx             the fused adapt-then-score graph (inner loop unrolled inside)
     model.pt2              the same graph as a torch.export program (the GPU engine)
@@ -393,9 +394,16 @@ def export_artifact(
             manifest.files.append(
                 pb.FileDigest(path=path.relative_to(tmp).as_posix(), sha256=sha256_file(path), size_bytes=path.stat().st_size)
             )
-        (tmp / "manifest.json").write_text(json_format.MessageToJson(
+        (tmp / "manifest.json").write_text(
+            json_format.MessageToJson(
                 manifest, indent=1, sort_keys=True, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-            ) + "\n")
+            )
+            + "\n"
+        )
+        # The manifest cannot list its own digest: a sha256sum-format sidecar carries it
+        # (`sha256sum -c manifest.sha256` checks it by hand), so no byte of the artifact
+        # goes unchecked.
+        (tmp / "manifest.sha256").write_text(f"{sha256_file(tmp / 'manifest.json')}  manifest.json\n")
         _fsync_tree(tmp)
         _make_read_only(tmp)
         if before_rename is not None:

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from training import model as M
 from training.dataset import Dataset
-from training.export import ExportResult, export_artifact
+from training.export import ExportResult, export_artifact, sha256_file
 from training.inner_loop import InnerLoopConfig
 from training.methods import learner_config, meta_train
 from training.splits import Protocol, build_tasks, make_splits, training_rows
@@ -146,9 +146,11 @@ def train_and_export(
         progress=progress,
     )
     evaluation = validation_evaluation(dataset, adapted, prep.catalog, valid_tasks, train, config.train.validation_support_sizes)
+    checkpoint_file = workdir / "checkpoint" / "checkpoint.safetensors" if workdir else None
     info = pb.TrainingInfo(
         dataset=dataset.name,
         dataset_fingerprint=dataset.fingerprint(),
+        checkpoint_sha256=sha256_file(checkpoint_file) if checkpoint_file and checkpoint_file.exists() else "",
         meta_steps=result.steps_done,
         seed=config.train.seed,
         wall_time_s=time.perf_counter() - started,

@@ -7,6 +7,7 @@ synchronous gRPC client over loopback, as a backend would.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import stat
@@ -137,6 +138,16 @@ def edit_manifest(artifact: Path, edit: Callable[[dict], None]) -> None:
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest, indent=1))
+    reseal_manifest(artifact)
+
+
+def reseal_manifest(artifact: Path) -> None:
+    """Rewrites manifest.sha256 for an edited manifest (as a careless re-export would), so
+    that a test reaches the checks behind the digest."""
+    digest_file = artifact / "manifest.sha256"
+    digest_file.chmod(0o644)
+    digest = hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest()
+    digest_file.write_text(f"{digest}  manifest.json\n")
 
 
 def new_version(source: Path, model_dir: Path, version: str, tamper: Callable[[Path], None] | None = None) -> Path:

@@ -23,7 +23,7 @@ from service.artifact import (
 from service.engines import EngineConfig, create_engine
 from service.errors import InvalidArgument
 from service.repository import ModelLoadError, ModelSettings, load_model
-from tests.service.harness import edit_manifest, writable_copy
+from tests.service.harness import edit_manifest, reseal_manifest, writable_copy
 from training.features import FeatureSchema, Field
 
 
@@ -162,8 +162,25 @@ def test_malformed_manifest(copy: Path):
     with pytest.raises(ManifestError, match="manifest.json"):
         load_artifact(copy)
     (copy / "manifest.json").write_text("{not json")
+    reseal_manifest(copy)
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_artifact(copy)
+
+
+def test_an_edited_manifest_fails_its_digest(copy: Path):
+    path = copy / "manifest.json"
+    path.chmod(0o644)
+    path.write_text(path.read_text().replace('"max_value": 5.0', '"max_value": 50.0'))
+    with pytest.raises(ChecksumMismatchError, match="manifest.sha256") as refused:
+        load_artifact(copy)
+    assert refused.value.file == "manifest.json"
+
+
+def test_a_missing_manifest_digest_is_refused(copy: Path):
+    os.remove(copy / "manifest.sha256")
+    with pytest.raises(MissingFileError) as refused:
+        load_artifact(copy)
+    assert refused.value.file == "manifest.sha256"
 
 
 def test_paths_outside_the_artifact_are_refused(copy: Path):

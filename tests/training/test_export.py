@@ -55,7 +55,9 @@ def test_artifact_layout_and_manifest(tiny_artifact):
     assert (manifest.model_name, manifest.model_version) == ("tiny", "1")
     listed = {f.path for f in manifest.files}
     on_disk = {p.relative_to(tiny_artifact).as_posix() for p in tiny_artifact.rglob("*") if p.is_file()}
-    assert listed == on_disk - {"manifest.json"}
+    assert listed == on_disk - {"manifest.json", "manifest.sha256"}
+    digest, name = (tiny_artifact / "manifest.sha256").read_text().split()
+    assert name == "manifest.json" and digest == E.sha256_file(tiny_artifact / "manifest.json")
     assert {"init.safetensors", "model.onnx", "model.pt2", "catalog.safetensors", "catalog_items.txt"} <= listed
     assert {"training_summary.json", "training_log.jsonl"} <= listed
     for entry in manifest.files:
