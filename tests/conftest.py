@@ -11,6 +11,16 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_configure(config):
+    """One torch thread: the models here are tiny, and torch's default of one thread per
+    core measured several times slower when other processes share the cores (as in CI)."""
+    try:
+        import torch
+    except ImportError:  # an onnxruntime-only environment
+        return
+    torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -83,7 +83,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-every", type=int, default=100, help="meta-steps between validation evaluations")
     group.add_argument("--patience", type=int, default=8, help="evaluations without improvement before stopping (0 = never)")
     group.add_argument("--seed", type=int, default=0, help="seed of splits, initialisation and episode sampling")
-    group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the per-user ops are small, and more threads measured "
+        "slower, 3x slower when another process shares the cores; 0 = torch's default)",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -210,7 +216,7 @@ def _bar(total: int, description: str, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="fit", dynamic_ncols=True)
+    return tqdm(total=total, desc=description, unit="fit", dynamic_ncols=True, disable=None)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -380,4 +380,5 @@ def _progress_bar(total: int, initial: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="meta-training", unit="step", dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (logs, CI, the main job)
+    return tqdm(total=total, initial=initial, desc="meta-training", unit="step", dynamic_ncols=True, disable=None)
