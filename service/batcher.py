@@ -84,6 +84,7 @@ class DynamicBatcher:
     def __init__(self, config: BatcherConfig, metrics: Metrics) -> None:
         self._config = config
         self._metrics = metrics
+        metrics.queue_capacity.set(config.queue_size)
         self._groups: dict[_GroupKey, deque[_Pending]] = {}
         self._queued = 0
         self._arrivals = 0  # requests ever submitted

@@ -22,6 +22,7 @@ METRIC_NAMES = (
     "warmstart_requests_total",  # {rpc, code}
     "warmstart_request_duration_seconds",  # {rpc} histogram
     "warmstart_queue_depth",  # requests waiting for a batch
+    "warmstart_queue_capacity",  # --queue-size: requests beyond it are refused at once
     "warmstart_queue_wait_seconds",  # histogram: enqueue -> taken into a batch
     "warmstart_batch_size",  # histogram: users per engine call
     "warmstart_engine_duration_seconds",  # histogram: padding + engine + split, per batch
@@ -47,6 +48,7 @@ class Metrics:
             "warmstart_request_duration_seconds", "RPC latency in the server", ["rpc"], buckets=LATENCY_BUCKETS_S, registry=r
         )
         self.queue_depth = Gauge("warmstart_queue_depth", "Requests waiting to be batched", registry=r)
+        self.queue_capacity = Gauge("warmstart_queue_capacity", "Most requests that may wait (--queue-size)", registry=r)
         self._queue_wait = Histogram(
             "warmstart_queue_wait_seconds", "Time from enqueue to batch", buckets=QUEUE_WAIT_BUCKETS_S, registry=r
         )

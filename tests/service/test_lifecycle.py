@@ -232,6 +232,8 @@ def test_metrics_endpoint_exposes_the_documented_names(shared_server, item_ids):
     exposed |= set(re.findall(r"^# HELP (\S+)", text, re.M))  # labelled metrics with no sample yet
     for name in METRIC_NAMES:
         assert name in exposed or f"{name}_count" in exposed, name
+    capacity = shared_server.metric("warmstart_queue_capacity")
+    assert capacity == shared_server.config.queue_size
     labels = {key for family in text_string_to_metric_families(text) if family.name.startswith("warmstart") for s in family.samples for key in s.labels}
     assert labels <= {"rpc", "code", "reason", "outcome", "name", "version", "engine", "kind", "le"}  # never a user or item
     promtool = subprocess.run(["which", "promtool"], capture_output=True, text=True).stdout.strip()
