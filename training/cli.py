@@ -227,7 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args)
     dataset = load_from_args(args)
     config = JobConfig(
-        model=M.ModelConfig(kind=args.model, factors=args.factors),  # type: ignore[arg-type]
+        model=M.ModelConfig(kind=args.model, factors=args.factors, attribute_prior=args.attribute_prior),  # type: ignore[arg-type]
         learner=args.learner,
         inner=learner_config(args.learner, steps=args.inner_steps),
         train=train_config_from(args),
@@ -291,7 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="warmstart", help="model name")
     p.add_argument("--version", default=None, help="version to write (default: one above the highest present)")
     p.add_argument("--model", choices=("bias_factor", "mlp"), default="bias_factor", help="model structure")
-    p.add_argument("--factors", type=int, default=32, help="bias_factor: factor dimension")
+    p.add_argument("--factors", type=int, default=16, help="bias_factor: factor dimension (16: what the evaluation measured)")
+    p.add_argument(
+        "--attribute-prior",
+        choices=("on", "off", "tune"),
+        default="on",
+        help="bias_factor: shrink items toward what their attributes predict (on), toward the mean (off), "
+        "or let the validation users choose (tune). 'off' suits catalogs whose new items differ from the old",
+    )
     p.add_argument(
         "--learner", choices=("warmstart", "maml", "fomaml", "metasgd", "none"), default="warmstart", help="meta-learner"
     )

@@ -95,6 +95,8 @@ class Prepared:
     user_shrinkage: float  # the bias baseline's tuned ridge weight: the inner loop's starting point
     factor_moment: np.ndarray | None = None  # per-coordinate second moment of the starting item factors
     sources: list[EpisodeSource] = field(default_factory=list)  # cross-fitted halves (empty: none)
+    item_stats: ItemStats | None = None  # label sums and counts per item (for the attribute prior)
+    item_shrinkage: float = 0.0  # the bias baseline's tuned item shrinkage
 
 
 def prepare(
@@ -117,16 +119,25 @@ def prepare(
     bias.fit(_bias_context(dataset, train, valid_tasks, support_sizes))
     user_shrinkage = max(bias.user_shrinkage, 0.5)
     stats, moment = item_side(dataset, train, schema, catalog, bias.item_shrinkage, user_shrinkage, model_config)
+    if model_config.attribute_prior == "on":
+        stats = with_attribute_prior(stats, schema, catalog, ItemStats.of(train), bias.item_shrinkage, model_config.attribute_prior_l2)
     learns_items = not (model_config.kind == "bias_factor" and _item_side_frozen(model_config))
     sampler = EpisodeSampler(catalog, train, train_config.episodes, learns_item_side=learns_items)
-    prepared = Prepared(schema, catalog, sampler, stats, user_shrinkage, moment)
+    prepared = Prepared(
+        schema, catalog, sampler, stats, user_shrinkage, moment, item_stats=ItemStats.of(train), item_shrinkage=bias.item_shrinkage
+    )
     if model_config.kind == "bias_factor" and model_config.cross_fit and _item_side_frozen(model_config):
         users = np.unique(train.user_ids)
         halves = np.random.default_rng([train_config.seed, 7]).permutation(len(users)) % 2
         for half in (0, 1):
             own = set(users[halves == half].tolist())
             is_own = np.fromiter((u in own for u in train.user_ids), bool, len(train))
-            other_stats, _ = item_side(dataset, train.subset(~is_own), schema, catalog, bias.item_shrinkage, user_shrinkage, model_config)
+            other_train = train.subset(~is_own)
+            other_stats, _ = item_side(dataset, other_train, schema, catalog, bias.item_shrinkage, user_shrinkage, model_config)
+            if model_config.attribute_prior == "on":
+                other_stats = with_attribute_prior(
+                    other_stats, schema, catalog, ItemStats.of(other_train), bias.item_shrinkage, model_config.attribute_prior_l2
+                )
             other = M.init_params(model_config, schema, other_stats, seed=train_config.seed)
             prepared.sources.append(
                 EpisodeSource(
@@ -150,7 +161,7 @@ def item_side(
     user_shrinkage: float,
     config: M.ModelConfig,
 ) -> tuple[M.DataStats, np.ndarray | None]:
-    """The item side fitted on `train`: base biases, ALS factors, attribute tables."""
+    """The item side fitted on `train`: base biases (shrunk toward the mean) and ALS factors."""
     stats = ItemStats.of(train)
     id_field = schema.item_id_field
     base = torch.zeros(id_field.num_codes if id_field is not None else 0)
@@ -167,7 +178,6 @@ def item_side(
     if config.kind == "bias_factor" and config.factor_init == "als" and id_field is not None and dataset.label.kind == "rating":
         factors, moment = _als_start(train, stats, item_shrinkage, user_shrinkage, id_field, config)
         data_stats.item_factors = factors
-        _attribute_start(data_stats, schema, catalog, stats, item_shrinkage, config)
     return data_stats, moment
 
 
@@ -192,7 +202,9 @@ def _als_start(train: Dataset, stats: ItemStats, item_shrinkage: float, user_shr
 ATTRIBUTE_PRIOR_MAX_COLUMNS = 4000  # above this the normal equations get too large to solve here
 
 
-def _attribute_start(data: M.DataStats, schema, catalog: EncodedCatalog, stats: ItemStats, item_shrinkage: float, config: M.ModelConfig) -> None:
+def with_attribute_prior(
+    data: M.DataStats, schema, catalog: EncodedCatalog, stats: ItemStats, item_shrinkage: float, l2: float
+) -> M.DataStats:
     """Shrinks items toward what their attributes predict instead of toward the mean.
 
     A ridge fit of item deviations and ALS factors on pooled attributes gives the attribute
@@ -205,8 +217,8 @@ def _attribute_start(data: M.DataStats, schema, catalog: EncodedCatalog, stats: 
     id_field = schema.item_id_field
     fields = [f for f in schema.item_fields if f.name != id_field.name]
     columns = sum(f.num_codes for f in fields)
-    if not fields or columns > ATTRIBUTE_PRIOR_MAX_COLUMNS:
-        return
+    if not fields or columns > ATTRIBUTE_PRIOR_MAX_COLUMNS or data.item_factors is None:
+        return data
     items = [i for i in id_field.vocabulary if i in stats.counts]  # items this training set has data for
     rows = catalog.rows(items)
     codes = catalog.codes[torch.from_numpy(rows)].numpy()  # (items, item_width)
@@ -217,13 +229,12 @@ def _attribute_start(data: M.DataStats, schema, catalog: EncodedCatalog, stats: 
     factors = data.item_factors[torch.from_numpy(id_codes)].double().numpy()
     reliability = counts / (counts + item_shrinkage)
     targets = np.concatenate([(sums / counts - stats.mean)[:, None], factors], axis=1)
-    coefficients = attribute_prior(design, targets, reliability, config.attribute_l2)
+    coefficients = attribute_prior(design, targets, reliability, l2)
     predicted = design @ coefficients  # (items, 1 + factors)
     base = torch.zeros_like(data.item_base_bias)
     base[torch.from_numpy(id_codes)] = torch.from_numpy((sums - counts * (stats.mean + predicted[:, 0])) / (counts + item_shrinkage)).float()
     item_factors = torch.zeros_like(data.item_factors)
     item_factors[torch.from_numpy(id_codes)] = torch.from_numpy(factors - predicted[:, 1:]).float()
-    data.item_base_bias, data.item_factors = base, item_factors
     tables = {}
     start = 0
     for f in fields:
@@ -231,7 +242,7 @@ def _attribute_start(data: M.DataStats, schema, catalog: EncodedCatalog, stats: 
         tables[f"item.attr_bias.{f.name}"] = block[:, 0].clone()
         tables[f"item.attr_factors.{f.name}"] = block[:, 1:].clone()
         start += f.num_codes
-    data.attribute_tables = tables
+    return M.DataStats(data.mean, base, data.interactions, item_factors, tables)
 
 
 def warmstart_inner_start(model_config: M.ModelConfig, prep: Prepared) -> M.Params:
@@ -277,8 +288,10 @@ def meta_train(
         and inner_config.prior_pull
         and inner_config.learning_rate_kind == "per_parameter"
     ):
-        # Start at the tuned bias baseline plus a ridge fold-in of the user factors, its
-        # ridge weight tuned on the validation users like every baseline's.
+        # Start at the tuned bias baseline plus a ridge fold-in of the user factors; the
+        # attribute prior and the fold-in weight are tuned on the validation users like
+        # every baseline's settings.
+        model_config, params = _tune_attribute_prior(model_config, inner_config, prep, params, dataset, valid_tasks, support_sizes, train_config.seed)
         model_config = _tune_fold_in(model_config, inner_config, prep, params, dataset, valid_tasks, support_sizes)
         start = warmstart_inner_start(model_config, prep)
         adapted = set(model_config.adapted_names())
@@ -305,6 +318,37 @@ def meta_train(
 
 
 FOLD_IN_GRID = (3.0, 10.0, 30.0, 100.0, 300.0)
+ATTRIBUTE_PRIOR_GRID = (3.0, 30.0, 300.0, 3000.0)
+
+
+def _tune_attribute_prior(
+    model_config: M.ModelConfig,
+    inner_config: InnerLoopConfig,
+    prep: Prepared,
+    params: M.Params,
+    dataset: Dataset,
+    valid_tasks: Sequence[Task],
+    support_sizes: Sequence[int | None],
+    seed: int,
+) -> tuple[M.ModelConfig, M.Params]:
+    """Attribute prior off, or on with the ridge weight the validation users prefer."""
+    if model_config.attribute_prior != "tune" or prep.factor_moment is None or prep.item_stats is None or not valid_tasks:
+        return replace(model_config, attribute_prior="off") if model_config.attribute_prior == "tune" else model_config, params
+    candidates: dict[float | None, M.DataStats] = {None: prep.stats}
+    for weight in ATTRIBUTE_PRIOR_GRID:
+        candidates[weight] = with_attribute_prior(prep.stats, prep.schema, prep.catalog, prep.item_stats, prep.item_shrinkage, weight)
+    scores, built = {}, {}
+    for weight, stats in candidates.items():
+        candidate = {**params, **M.init_params(model_config, prep.schema, stats, seed=seed)}
+        candidate.update(warmstart_inner_start(model_config, prep))
+        model = AdaptedModel(model_config, inner_config, prep.schema, dataset.label, {k: v.detach() for k, v in candidate.items()})
+        scores[weight] = validation_loss(model, prep.catalog, valid_tasks, support_sizes)
+        built[weight] = {k: v for k, v in candidate.items() if not k.startswith("inner.")}
+    best = min(scores, key=scores.__getitem__)
+    log.info("attribute prior %s (validation loss %.4f; grid %s)", "off" if best is None else f"ridge weight {best:g}", scores[best], {str(k): round(v, 4) for k, v in scores.items()})
+    prep.stats = candidates[best]
+    chosen = replace(model_config, attribute_prior="off") if best is None else replace(model_config, attribute_prior="on", attribute_prior_l2=best)
+    return chosen, {**params, **built[best]}
 
 
 def _tune_fold_in(
@@ -448,6 +492,7 @@ METHOD_HELP = {
     "bf_fomaml": "bias_factor model, first-order MAML on the user parameters",
     "bf_metasgd": "bias_factor model, Meta-SGD on the user parameters",
     "warmstart": "bias_factor model, normalised Meta-SGD with prior pull (the served model)",
+    "warmstart_noattr": "the same without the attribute prior (items shrink toward the mean)",
 }
 
 
@@ -477,6 +522,7 @@ def make_methods(names: Sequence[str], train_config: TrainConfig, inner_steps: i
         elif name.startswith("bf_"):
             learner = name[len("bf_") :]
             out.append(MetaLearned(name, M.ModelConfig(), learner_config(learner, inner_steps, 0.1), train_config, progress=progress))
-        else:  # warmstart
-            out.append(MetaLearned(name, M.ModelConfig(), learner_config("warmstart", inner_steps), train_config, progress=progress))
+        else:  # warmstart, warmstart_noattr
+            config = M.ModelConfig(attribute_prior="off" if name == "warmstart_noattr" else "on")
+            out.append(MetaLearned(name, config, learner_config("warmstart", inner_steps), train_config, progress=progress))
     return out
