@@ -22,6 +22,7 @@ from typing import NotRequired, TypedDict
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+import matplotlib
 from matplotlib.figure import Figure
 
 from training.metrics import mean_ci, paired_difference_ci, rmse_ci, rmse_difference_ci
@@ -319,7 +320,10 @@ def _plot(
     figure = Figure(figsize=(7.0, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for method in methods:
+    # A distinct colour and marker per method: the default cycle repeats after ten lines.
+    palette = matplotlib.colormaps["tab20"].colors
+    markers = "osD^v<>pXh*P"
+    for index, method in enumerate(methods):
         entries = [by_cell.get((method, k)) for k in support_sizes]
         value, low, high = (
             np.array([math.nan if entry is None else entry[field] for entry in entries])
@@ -327,14 +331,18 @@ def _plot(
         )
         if np.isnan(value).all():
             continue
-        (line,) = axes.plot(x, value, marker="o", label=method)
-        axes.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        color = palette[(2 * index) % len(palette)] if index < len(palette) // 2 else palette[(2 * index + 1) % len(palette)]
+        axes.plot(x, value, marker=markers[index % len(markers)], color=color, label=method)
+        # Bands only for the reference-scale picture: with many methods they would hide the lines.
+        if len(methods) <= 4:
+            axes.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
     axes.set_xticks(x, [str(k) for k in support_sizes])
     axes.set_xlabel("support size K")
     axes.set_ylabel(metric_title(metric))
-    axes.set_title(f"{scenario}: {metric_title(metric)} vs support size ({CONFIDENCE:.0%} CI bands)")
+    bands = f" ({CONFIDENCE:.0%} CI bands)" if len(methods) <= 4 else ""
+    axes.set_title(f"{scenario}: {metric_title(metric)} vs support size{bands}")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", ncols=2 if len(methods) > 6 else 1)
     figure.savefig(path, dpi=110)
 
 
