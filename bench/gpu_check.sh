@@ -27,12 +27,14 @@
 #   --artifact DIR   an exported artifact <repo>/<name>/<version> to benchmark (carry it
 #                    along, e.g. models/ml100k/1); default: build one (synthetic data of
 #                    MovieLens-100K's size, ~1 min)
-#   --out DIR        where logs, the wheels' site folder and bench.json go
-#                    (default: $OUT when set, else a new temporary directory)
+#   --out DIR        where the logs and bench.json go (default: $OUT when set, else a new
+#                    temporary directory); the wheels' site folder and a built artifact go
+#                    to a scratch directory beside it, so that DIR holds a handful of files
 #   --cpu-dry-run    no GPU needed: every step runs on CPU and the CUDA parts are skipped
 #                    with a message (the GPU tests report their skip reason)
 #
-# Environment: PYTHON (default python3). The whole check stops itself after 540 s.
+# Environment: PYTHON (default python3); GPU_CHECK_DEADLINE_S (default 540): the whole
+# check stops itself after that many seconds.
 
 set -euo pipefail
 
@@ -48,17 +50,18 @@ while [ $# -gt 0 ]; do
     --out) OUT_DIR="$2"; shift 2 ;;
     --out=*) OUT_DIR="${1#*=}"; shift ;;
     --cpu-dry-run) DRY_RUN=1; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [ -n "$OUT_DIR" ] || OUT_DIR="$(mktemp -d /tmp/warmstart-gpu-check.XXXXXX)"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+SCRATCH="$(mktemp -d /tmp/warmstart-gpu-scratch.XXXXXX)"
 cd "$ROOT"
 
 STARTED=$(date +%s)
-DEADLINE=$((STARTED + 540))
+DEADLINE=$((STARTED + ${GPU_CHECK_DEADLINE_S:-540}))
 # Seconds a phase may take: its own limit, or what is left of the deadline if less.
 limit() {
   local left=$((DEADLINE - $(date +%s)))
@@ -83,7 +86,7 @@ else:
 EOF
 
 phase "wheels from .whl/ (only what is missing or too old)"
-SITE="$OUT_DIR/site"
+SITE="$SCRATCH/site"
 NEEDED="$("$PYTHON" - <<'EOF'
 from importlib import metadata
 
@@ -170,7 +173,7 @@ from pathlib import Path
 logging.basicConfig(level=logging.WARNING)
 from bench.engine import build_artifact
 print(build_artifact(Path(sys.argv[1])))
-" "$OUT_DIR/models" | tail -n 1)"
+" "$SCRATCH/models" | tail -n 1)"
 fi
 echo "artifact: $ARTIFACT"
 
@@ -188,18 +191,30 @@ if [ "$DRY_RUN" = 1 ]; then
   BENCH_ARGS=(--device cpu --batches 1,64,256 --supports 10 --queries 100,1000 --repeat 2 --min-time-s 0.05 --cpu-roofline)
   echo "CPU dry run: CUDA engines, GPU memory and the GPU roofline are skipped (no CUDA device); the CPU roofline stands in"
 else
-  BENCH_ARGS=(--batches 1,64,256,1024 --supports 10 --queries 100,1000 --repeat 3 --min-time-s 0.2 --precisions fp32,tf32,bf16)
+  BENCH_ARGS=(--batches 1,8,64,256,1024 --supports 10 --queries 100,1000 --repeat 3 --min-time-s 0.2 --precisions fp32,tf32,bf16)
 fi
 BENCH_RC=0
 timeout "$(limit 300 'the benchmark')" "$PYTHON" bench/engine.py --artifact "$ARTIFACT" --naive-users 16 --no-memory \
   --json "$OUT_DIR/bench.json" "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT_DIR/bench.log" || BENCH_RC=$?
 
+phase "gRPC service on the torch engine (CUDA graphs on a GPU): Recommend load against the empty-RPC ceiling"
+LOAD_RC=0
+if [ $((DEADLINE - $(date +%s))) -lt 60 ]; then
+  echo "skipped: under 60 s left before the deadline"; LOAD_RC=skipped
+else
+  LOAD_DEVICE=cuda; [ "$DRY_RUN" = 1 ] && LOAD_DEVICE=cpu
+  timeout "$(limit 120 'the load benchmark')" "$PYTHON" bench/load.py --artifact "$ARTIFACT" --duration-s 3 --warmup-s 1 \
+    --clients 1,8,32 --server-arg=--engine=torch --server-arg=--device=$LOAD_DEVICE \
+    2>&1 | tee "$OUT_DIR/load.log" || LOAD_RC=$?
+fi
+
 phase "summary"
 echo "tests: ${TEST_SUMMARY:-no summary line (see $OUT_DIR/tests.log)} (exit $TESTS_RC)"
 echo "benchmark: exit $BENCH_RC; full tables in $OUT_DIR/bench.log"
+echo "gRPC load (torch engine on ${LOAD_DEVICE:-?}): exit $LOAD_RC; table in $OUT_DIR/load.log"
 [ "$DRY_RUN" = 1 ] && echo "CPU dry run: no CUDA part ran"
 if [ -f "$OUT_DIR/bench.json" ]; then
   "$PYTHON" bench/engine.py --summary-only "$OUT_DIR/bench.json"
 fi
 echo "gpu_check finished in $(( $(date +%s) - STARTED )) s"
-[ "$TESTS_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
+[ "$TESTS_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && { [ "$LOAD_RC" = 0 ] || [ "$LOAD_RC" = skipped ]; }
