@@ -30,6 +30,10 @@
 #   --out DIR        where the logs and bench.json go (default: $OUT when set, else a new
 #                    temporary directory); the wheels' site folder and a built artifact go
 #                    to a scratch directory beside it, so that DIR holds a handful of files
+#   --steps LIST     comma-separated steps to run, of tests,bench,breakdown,load (default
+#                    all): the GPU tests, the engine benchmark, the CUDA-graph engine's time
+#                    breakdown (bench/graph_breakdown.py), the gRPC load benchmark on the
+#                    torch engine (bench/load.py)
 #   --cpu-dry-run    no GPU needed: every step runs on CPU and the CUDA parts are skipped
 #                    with a message (the GPU tests report their skip reason)
 #
@@ -43,17 +47,24 @@ PYTHON="${PYTHON:-python3}"
 ARTIFACT=""
 OUT_DIR="${OUT:-}"
 DRY_RUN=0
+STEPS="tests,bench,breakdown,load"
 while [ $# -gt 0 ]; do
   case "$1" in
     --artifact) ARTIFACT="$2"; shift 2 ;;
     --artifact=*) ARTIFACT="${1#*=}"; shift ;;
     --out) OUT_DIR="$2"; shift 2 ;;
     --out=*) OUT_DIR="${1#*=}"; shift ;;
+    --steps) STEPS="$2"; shift 2 ;;
+    --steps=*) STEPS="${1#*=}"; shift ;;
     --cpu-dry-run) DRY_RUN=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+for step in ${STEPS//,/ }; do
+  case "$step" in tests|bench|breakdown|load) ;; *) echo "gpu_check: unknown step $step (tests, bench, breakdown, load)" >&2; exit 2 ;; esac
+done
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 [ -n "$OUT_DIR" ] || OUT_DIR="$(mktemp -d /tmp/warmstart-gpu-check.XXXXXX)"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
@@ -177,44 +188,69 @@ print(build_artifact(Path(sys.argv[1])))
 fi
 echo "artifact: $ARTIFACT"
 
-phase "GPU tests (engine equivalence on CUDA against the CPU reference, graph replays with fresh inputs, poisoned outputs)"
-TESTS_RC=0
-timeout "$(limit 240 'the tests')" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
-  tests/service/test_gpu_engine.py \
-  "tests/service/test_engines.py::test_gpu_engines_agree_with_cpu" \
-  "tests/service/test_engines.py::test_onnxruntime_and_torch_agree" \
-  2>&1 | tee "$OUT_DIR/tests.log" || TESTS_RC=$?
-TEST_SUMMARY="$(grep -E ' (passed|failed|error)' "$OUT_DIR/tests.log" | tail -n 1 || true)"
-
-phase "engine benchmark"
-if [ "$DRY_RUN" = 1 ]; then
-  BENCH_ARGS=(--device cpu --batches 1,64,256 --supports 10 --queries 100,1000 --repeat 2 --min-time-s 0.05 --cpu-roofline)
-  echo "CPU dry run: CUDA engines, GPU memory and the GPU roofline are skipped (no CUDA device); the CPU roofline stands in"
-else
-  BENCH_ARGS=(--batches 1,8,64,256,1024 --supports 10 --queries 100,1000 --repeat 3 --min-time-s 0.2 --precisions fp32,tf32,bf16)
+TESTS_RC=skipped BENCH_RC=skipped BREAKDOWN_RC=skipped LOAD_RC=skipped
+if want tests; then
+  phase "GPU tests (engine equivalence on CUDA against the CPU reference, graph replays with fresh inputs, poisoned outputs)"
+  TESTS_RC=0
+  timeout "$(limit 240 'the tests')" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
+    tests/service/test_gpu_engine.py \
+    "tests/service/test_engines.py::test_gpu_engines_agree_with_cpu" \
+    "tests/service/test_engines.py::test_onnxruntime_and_torch_agree" \
+    2>&1 | tee "$OUT_DIR/tests.log" || TESTS_RC=$?
 fi
-BENCH_RC=0
-timeout "$(limit 300 'the benchmark')" "$PYTHON" bench/engine.py --artifact "$ARTIFACT" --naive-users 16 --no-memory \
-  --json "$OUT_DIR/bench.json" "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT_DIR/bench.log" || BENCH_RC=$?
 
-phase "gRPC service on the torch engine (CUDA graphs on a GPU): Recommend load against the empty-RPC ceiling"
-LOAD_RC=0
-if [ $((DEADLINE - $(date +%s))) -lt 60 ]; then
-  echo "skipped: under 60 s left before the deadline"; LOAD_RC=skipped
-else
-  LOAD_DEVICE=cuda; [ "$DRY_RUN" = 1 ] && LOAD_DEVICE=cpu
-  timeout "$(limit 120 'the load benchmark')" "$PYTHON" bench/load.py --artifact "$ARTIFACT" --duration-s 3 --warmup-s 1 \
-    --clients 1,8,32 --server-arg=--engine=torch --server-arg=--device=$LOAD_DEVICE \
-    2>&1 | tee "$OUT_DIR/load.log" || LOAD_RC=$?
+if want bench; then
+  phase "engine benchmark"
+  if [ "$DRY_RUN" = 1 ]; then
+    BENCH_ARGS=(--device cpu --batches 1,64,256 --supports 10 --queries 100,1000 --repeat 2 --min-time-s 0.05 --cpu-roofline)
+    echo "CPU dry run: CUDA engines, GPU memory and the GPU roofline are skipped (no CUDA device); the CPU roofline stands in"
+  else
+    BENCH_ARGS=(--batches 1,8,64,256,1024 --supports 10 --queries 100,1000 --repeat 3 --min-time-s 0.2 --precisions fp32,tf32,bf16)
+  fi
+  BENCH_RC=0
+  timeout "$(limit 300 'the benchmark')" "$PYTHON" bench/engine.py --artifact "$ARTIFACT" --naive-users 16 --no-memory \
+    --json "$OUT_DIR/bench.json" "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT_DIR/bench.log" || BENCH_RC=$?
+fi
+
+if want breakdown; then
+  phase "CUDA-graph engine: where the time goes (staging, copies, replay; kernels per call)"
+  BREAKDOWN_ARGS=(); [ "$DRY_RUN" = 1 ] && BREAKDOWN_ARGS=(--repeats 5 --cells 1x10x100,64x10x100)
+  BREAKDOWN_RC=0
+  timeout "$(limit 90 'the breakdown')" "$PYTHON" bench/graph_breakdown.py --artifact "$ARTIFACT" "${BREAKDOWN_ARGS[@]}" \
+    2>&1 | tee "$OUT_DIR/breakdown.log" || BREAKDOWN_RC=$?
+fi
+
+LOAD_DEVICE=cuda; [ "$DRY_RUN" = 1 ] && LOAD_DEVICE=cpu
+if want load; then
+  phase "gRPC service on the torch engine (CUDA graphs on a GPU): Recommend load against the empty-RPC ceiling"
+  if [ $((DEADLINE - $(date +%s))) -lt 60 ]; then
+    echo "not run: under 60 s left before the deadline"; LOAD_RC="not run (out of time)"
+  else
+    LOAD_RC=0
+    timeout "$(limit 120 'the load benchmark')" "$PYTHON" bench/load.py --artifact "$ARTIFACT" --duration-s 3 --warmup-s 1 \
+      --clients 1,8,32 --server-arg=--engine=torch --server-arg=--device=$LOAD_DEVICE \
+      2>&1 | tee "$OUT_DIR/load.log" || LOAD_RC=$?
+  fi
 fi
 
 phase "summary"
-echo "tests: ${TEST_SUMMARY:-no summary line (see $OUT_DIR/tests.log)} (exit $TESTS_RC)"
-echo "benchmark: exit $BENCH_RC; full tables in $OUT_DIR/bench.log"
-echo "gRPC load (torch engine on ${LOAD_DEVICE:-?}): exit $LOAD_RC; table in $OUT_DIR/load.log"
+TEST_SUMMARY="$(grep -E ' (passed|failed|error)' "$OUT_DIR/tests.log" 2>/dev/null | tail -n 1 || true)"
+echo "tests: ${TEST_SUMMARY:-no summary line} (exit $TESTS_RC)"
+echo "engine benchmark: exit $BENCH_RC (bench.log)"
+echo "graph breakdown: exit $BREAKDOWN_RC (breakdown.log)"
+echo "gRPC load, torch engine on $LOAD_DEVICE: exit $LOAD_RC (load.log)"
+echo "logs in $OUT_DIR"
 [ "$DRY_RUN" = 1 ] && echo "CPU dry run: no CUDA part ran"
-if [ -f "$OUT_DIR/bench.json" ]; then
+if [ -f "$OUT_DIR/breakdown.log" ] && [ "$BREAKDOWN_RC" = 0 ]; then
+  grep -A 20 "^CUDA-graph engine time" "$OUT_DIR/breakdown.log"
+fi
+if [ -f "$OUT_DIR/load.log" ] && [ "$LOAD_RC" = 0 ]; then
+  grep -E "clients: Recommend / ceiling" "$OUT_DIR/load.log" || true
+fi
+if [ -f "$OUT_DIR/bench.json" ] && [ "$BENCH_RC" = 0 ]; then
   "$PYTHON" bench/engine.py --summary-only "$OUT_DIR/bench.json"
 fi
 echo "gpu_check finished in $(( $(date +%s) - STARTED )) s"
-[ "$TESTS_RC" = 0 ] && [ "$BENCH_RC" = 0 ] && { [ "$LOAD_RC" = 0 ] || [ "$LOAD_RC" = skipped ]; }
+for rc in "$TESTS_RC" "$BENCH_RC" "$BREAKDOWN_RC" "$LOAD_RC"; do
+  [ "$rc" = 0 ] || [ "$rc" = skipped ] || exit 1
+done

@@ -191,7 +191,7 @@ def start_server(repository: Path, model_name: str, server_args: list[str]) -> t
         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--poll-interval-s", "0", "--log-level", "WARNING",
         *server_args,
     ]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     assert process.stdout is not None
     line = process.stdout.readline()
     match = LISTENING.search(line)
