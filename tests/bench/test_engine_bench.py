@@ -115,3 +115,27 @@ def test_gpu_check_parses_and_the_readme_lists_its_exact_wheels():
     prefixes = [line.split('"')[5] for line in script.read_text().splitlines() if line.strip().startswith('("') and line.count('"') >= 6]
     pinned = {p.split("==")[0].replace("-", "_").lower() + "-" for p in _pins(header)}
     assert prefixes and set(p.lower() for p in prefixes) <= pinned
+
+
+def test_the_graph_breakdown_runs_on_cpu_and_counts_the_programs_ops(artifact, capsys):
+    from bench import graph_breakdown
+
+    assert graph_breakdown.main(["--artifact", str(artifact.path), "--repeats", "2", "--cells", "1x2x5,3x2x5"]) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split() for line in printed.splitlines() if line.strip().startswith(("1 ", "3 "))]
+    assert [r[:3] for r in rows] == [["1", "2", "5"], ["3", "2", "5"]]
+    expected_ops = count_call(torch.export.load(str(artifact.torch_export_path)).module(), sample_inputs(
+        artifact, 1, 2, 5, np.random.default_rng(0))).ops
+    for r in rows:
+        engine_ms, stage_ms = float(r[4]), float(r[5])
+        assert engine_ms > 0 and 0 < stage_ms < engine_ms
+        assert int(r[-1]) == expected_ops  # no CUDA: no kernel or copy columns
+    with pytest.raises(SystemExit):
+        graph_breakdown.main(["--artifact", str(artifact.path), "--cells", "1x2"])
+
+
+def test_gpu_check_refuses_an_unknown_step_before_doing_anything(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--steps", "tests,nope", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown step nope" in done.stderr
+    assert list(tmp_path.iterdir()) == []
