@@ -99,7 +99,7 @@ def breakdown(engine: CudaGraphEngine, cpu_program, artifact, cell: tuple[int, i
         "ops": count_call(cpu_program, inputs).ops,
     }
     if engine.on_gpu:
-        stream = engine._stream
+        stream = engine.stream
 
         def copy_in() -> None:
             for d, h in zip(graph.device_inputs, graph.host_inputs):
@@ -112,7 +112,7 @@ def breakdown(engine: CudaGraphEngine, cpu_program, artifact, cell: tuple[int, i
         row["copy_in"] = _median_events(torch, stream, copy_in, repeats)
         row["replay"] = _median_events(torch, stream, graph.graph.replay, repeats)
         row["copy_out"] = _median_events(torch, stream, copy_out, repeats)
-        row["kernels"] = count_kernels(torch, engine._module, graph.device_inputs)
+        row["kernels"] = count_kernels(torch, engine.module, graph.device_inputs)
     else:
         row["replay"] = _median_wall(lambda: graph.run(inputs), repeats) - row["stage"]
     return row

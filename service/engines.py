@@ -503,6 +503,16 @@ class CudaGraphEngine:
     def gpu_memory_bytes(self) -> dict[str, int]:
         return _cuda_memory(self._torch, self._device) if self.on_gpu else {}
 
+    @property
+    def module(self):
+        """The program the graphs were captured from (for benchmarks and diagnostics)."""
+        return self._module
+
+    @property
+    def stream(self):
+        """The CUDA stream batches run on (None on CPU)."""
+        return self._stream
+
 
 def _program_signature(program) -> tuple[list[TensorSignature], list[TensorSignature]]:
     """Inputs (by placeholder name) and outputs (in order) of an ExportedProgram."""
