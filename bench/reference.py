@@ -16,45 +16,22 @@ prefix masks: a user's real support entries come first.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from google.protobuf import json_format
-from safetensors.torch import load_file
 
 from service.padding import EngineInputs, EngineOutputs
 from training import model as M
-from training.dataset import LabelSpec
-from training.features import FeatureSchema, Field
-from training.inner_loop import INNER_PREFIX, Batch, InnerLoopConfig, support_loss_terms, to_label_units
+from training.export import load_exported_model
+from training.inner_loop import INNER_PREFIX, Batch, support_loss_terms, to_label_units
 from training.trainer import AdaptedModel, loss_kind_of
-from warmstart.v1 import manifest_pb2 as pb
 
 
 def load_reference(artifact: Path) -> AdaptedModel:
     """Training's model and inner loop with the artifact's configuration and weights."""
-    manifest = json_format.Parse((Path(artifact) / "manifest.json").read_text(), pb.ArtifactManifest())
-    fields = []
-    for f in manifest.feature_schema.fields:
-        vocabulary = tuple(f.vocabulary) or tuple((Path(artifact) / f.vocabulary_file).read_text(encoding="utf-8").splitlines())
-        fields.append(Field(f.name, "user" if f.side == pb.USER else "item", f.multi_valued, f.width, f.offset, vocabulary))
-    schema = FeatureSchema(tuple(f for f in fields if f.side == "user"), tuple(f for f in fields if f.side == "item"))
-    hyper = {k: json.loads(v) for k, v in manifest.model.hyperparameters.items()}
-    loop = manifest.inner_loop
-    inner = InnerLoopConfig(
-        steps=loop.steps,
-        learning_rate_kind=loop.learning_rate_kind,  # type: ignore[arg-type]
-        normalise_by_support_size=loop.normalise_by_support_size,
-        prior_pull=loop.prior_pull,
-        max_step_norm=loop.max_step_norm,
-    )
-    kind = "click" if manifest.label.kind == pb.CLICK else "rating"
-    label = LabelSpec(kind, manifest.label.min_value, manifest.label.max_value)
-    params = load_file(str(Path(artifact) / "init.safetensors"))
-    return AdaptedModel(M.ModelConfig.from_dict(hyper), inner, schema, label, params)
+    return load_exported_model(artifact)
 
 
 def to_batch(inputs: EngineInputs, device: torch.device | str = "cpu") -> Batch:

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from google.protobuf import json_format
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from training import model as M
@@ -415,6 +415,36 @@ def export_artifact(
     elapsed = time.perf_counter() - started
     log.info("exported %s in %.1f s (worst engine difference %.2e)", final, elapsed, worst)
     return ExportResult(final, manifest, elapsed)
+
+
+def read_manifest(artifact: Path) -> pb.ArtifactManifest:
+    """An artifact's manifest.json, parsed (no checksum verification: see service.artifact)."""
+    return json_format.Parse((Path(artifact) / "manifest.json").read_text(encoding="utf-8"), pb.ArtifactManifest())
+
+
+def load_exported_model(artifact: Path) -> AdaptedModel:
+    """Training's model and inner loop rebuilt from nothing but an artifact's files: the
+    inverse of export_artifact (the reference the exported graphs are compared with)."""
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    fields = []
+    for f in manifest.feature_schema.fields:
+        vocabulary = tuple(f.vocabulary) or tuple((artifact / f.vocabulary_file).read_text(encoding="utf-8").splitlines())
+        fields.append(Field(f.name, "user" if f.side == pb.USER else "item", f.multi_valued, f.width, f.offset, vocabulary))
+    schema = FeatureSchema(tuple(f for f in fields if f.side == "user"), tuple(f for f in fields if f.side == "item"))
+    hyper = {k: json.loads(v) for k, v in manifest.model.hyperparameters.items()}
+    loop = manifest.inner_loop
+    inner = InnerLoopConfig(
+        steps=loop.steps,
+        learning_rate_kind=loop.learning_rate_kind,  # type: ignore[arg-type]
+        normalise_by_support_size=loop.normalise_by_support_size,
+        prior_pull=loop.prior_pull,
+        max_step_norm=loop.max_step_norm,
+    )
+    kind = "click" if manifest.label.kind == pb.CLICK else "rating"
+    label = LabelSpec(kind, manifest.label.min_value, manifest.label.max_value)
+    params = load_file(str(artifact / "init.safetensors"))
+    return AdaptedModel(M.ModelConfig.from_dict(hyper), inner, schema, label, params)
 
 
 def _make_read_only(directory: Path) -> None:

@@ -3,7 +3,6 @@ or interrupted export writes nothing a server could load."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,42 +14,12 @@ from google.protobuf import json_format
 from safetensors.torch import load_file
 
 from training import export as E
-from training import model as M
-from training.dataset import LabelSpec
 from training.features import FeatureSchema, Field
-from training.inner_loop import InnerLoopConfig
-from training.trainer import AdaptedModel
 from warmstart.v1 import manifest_pb2 as pb
 
 
-def read_manifest(artifact: Path) -> pb.ArtifactManifest:
-    return json_format.Parse((artifact / "manifest.json").read_text(), pb.ArtifactManifest())
-
-
-def model_from_artifact(artifact: Path) -> AdaptedModel:
-    """Training's own inner loop, rebuilt from nothing but the artifact's files."""
-    manifest = read_manifest(artifact)
-    fields = []
-    for f in manifest.feature_schema.fields:
-        vocabulary = tuple(f.vocabulary) or tuple((artifact / f.vocabulary_file).read_text().splitlines())
-        fields.append(Field(f.name, "user" if f.side == pb.USER else "item", f.multi_valued, f.width, f.offset, vocabulary))
-    schema = FeatureSchema(tuple(f for f in fields if f.side == "user"), tuple(f for f in fields if f.side == "item"))
-    hyper = {k: json.loads(v) for k, v in manifest.model.hyperparameters.items()}
-    loop = manifest.inner_loop
-    inner = InnerLoopConfig(
-        steps=loop.steps,
-        learning_rate_kind=loop.learning_rate_kind,
-        normalise_by_support_size=loop.normalise_by_support_size,
-        prior_pull=loop.prior_pull,
-        max_step_norm=loop.max_step_norm,
-    )
-    label = LabelSpec("rating" if manifest.label.kind == pb.RATING else "click", manifest.label.min_value, manifest.label.max_value)
-    params = load_file(str(artifact / "init.safetensors"))
-    return AdaptedModel(M.ModelConfig.from_dict(hyper), inner, schema, label, params)
-
-
 def test_artifact_layout_and_manifest(tiny_artifact):
-    manifest = read_manifest(tiny_artifact)
+    manifest = E.read_manifest(tiny_artifact)
     assert manifest.schema_version == pb.MANIFEST_SCHEMA_V1
     assert (manifest.model_name, manifest.model_version) == ("tiny", "1")
     listed = {f.path for f in manifest.files}
@@ -72,14 +41,14 @@ def test_artifact_layout_and_manifest(tiny_artifact):
 
 
 def test_manifest_round_trips(tiny_artifact):
-    manifest = read_manifest(tiny_artifact)
+    manifest = E.read_manifest(tiny_artifact)
     assert pb.ArtifactManifest.FromString(manifest.SerializeToString()) == manifest
     again = json_format.Parse(json_format.MessageToJson(manifest), pb.ArtifactManifest())
     assert again == manifest
 
 
 def test_catalog_matches_the_vocabulary(tiny_artifact):
-    manifest = read_manifest(tiny_artifact)
+    manifest = E.read_manifest(tiny_artifact)
     ids = (tiny_artifact / "catalog_items.txt").read_text().splitlines()
     codes = load_file(str(tiny_artifact / "catalog.safetensors"))["item_features"]
     assert codes.shape == (manifest.catalog.size, manifest.feature_schema.item_width) and len(ids) == codes.shape[0]
@@ -92,7 +61,7 @@ def test_catalog_matches_the_vocabulary(tiny_artifact):
 
 @pytest.mark.parametrize("shape", [E.CheckShape(1, 1, 3, False), E.CheckShape(7, 13, 41, True), E.CheckShape(2, 64, 5, True), E.CheckShape(33, 2, 300, True)])
 def test_onnx_torch_export_and_training_agree_on_fresh_shapes(tiny_artifact, shape):
-    reference_model = model_from_artifact(tiny_artifact)
+    reference_model = E.load_exported_model(tiny_artifact)
     session = ort.InferenceSession(str(tiny_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     program = torch.export.load(str(tiny_artifact / "model.pt2")).module()
     batch = E.random_batch(reference_model.schema, shape, np.random.default_rng(shape.batch * 1000 + shape.query), reference_model.label)
@@ -109,7 +78,7 @@ def test_onnx_torch_export_and_training_agree_on_fresh_shapes(tiny_artifact, sha
 
 
 def test_onnx_dimensions_are_dynamic_and_widths_static(tiny_artifact):
-    manifest = read_manifest(tiny_artifact)
+    manifest = E.read_manifest(tiny_artifact)
     graph = onnx.load(str(tiny_artifact / "model.onnx")).graph
     for tensor, spec in zip(graph.input, manifest.graph.inputs):
         dims = tensor.type.tensor_type.shape.dim
@@ -131,7 +100,7 @@ def tiny_model(tiny_artifact):
     from training.batching import EncodedCatalog
     from training.synthetic import generate_synthetic
 
-    model = model_from_artifact(tiny_artifact)
+    model = E.load_exported_model(tiny_artifact)
     return model, EncodedCatalog(model.schema, generate_synthetic(seed=3, n_users=240, n_items=150))
 
 
