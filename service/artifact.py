@@ -33,7 +33,8 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_DIGEST_FILE = "manifest.sha256"  # the manifest's own sha256, in sha256sum format
 SUPPORTED_SCHEMA_VERSIONS = (pb.MANIFEST_SCHEMA_V1,)
 INPUT_NAMES = ("user_features", "support_items", "support_labels", "support_mask", "query_items")
-OUTPUT_NAMES = ("query_scores", "support_loss_before", "support_loss_after")
+OUTPUT_NAMES = ("query_scores", "support_loss_before", "support_loss_after", "query_engagement")
+REQUIRED_OUTPUTS = ("query_scores", "support_loss_before", "support_loss_after")  # engagement: optional head
 CATALOG_TENSOR = "item_features"
 
 PAD = 0  # no value in this slot
@@ -286,6 +287,17 @@ class Artifact:
         return self.manifest.inner_loop.steps
 
     @property
+    def output_names(self) -> tuple[str, ...]:
+        """The graph's outputs, in OUTPUT_NAMES order (what engines return, positionally)."""
+        present = {t.name for t in self.outputs}
+        return tuple(n for n in OUTPUT_NAMES if n in present)
+
+    @property
+    def has_engagement(self) -> bool:
+        """The model has an engagement head: Recommend ranks by it unless asked otherwise."""
+        return "query_engagement" in self.output_names
+
+    @property
     def onnx_path(self) -> Path:
         return self.path / self.manifest.graph.onnx_file
 
@@ -511,6 +523,7 @@ def _expected_shapes(encoder: FeatureEncoder) -> dict[str, tuple[DType, tuple[in
         "query_scores": ("float32", (None, None)),
         "support_loss_before": ("float32", (None,)),
         "support_loss_after": ("float32", (None,)),
+        "query_engagement": ("float32", (None, None)),
     }
 
 
@@ -532,7 +545,7 @@ def _graph_signatures(
     outputs = tuple(_signature(s) for s in graph.outputs)
     for kind, tensors, names, required in (
         ("input", inputs, INPUT_NAMES, {"support_items", "query_items"}),
-        ("output", outputs, OUTPUT_NAMES, set(OUTPUT_NAMES)),
+        ("output", outputs, OUTPUT_NAMES, set(REQUIRED_OUTPUTS)),
     ):
         seen = [t.name for t in tensors]
         if len(set(seen)) != len(seen) or not set(seen) <= set(names) or not required <= set(seen):

@@ -81,6 +81,8 @@ class RecommenderCore:
         violations: list[FieldViolation] = []
         if query.top_k < 0:
             violations.append(FieldViolation("top_k", f"must be >= 0 (0 = all), got {query.top_k}"))
+        if query.rank_by == "engagement" and not model.artifact.has_engagement:
+            violations.append(FieldViolation("rank_by", "this model has no engagement head; rank by predicted rating"))
         rank_catalog = not query.candidates
         if rank_catalog and model.artifact.catalog.size == 0:
             violations.append(FieldViolation("candidates", "empty, and the model has no catalog to rank"))
@@ -99,7 +101,9 @@ class RecommenderCore:
             available = np.flatnonzero(keep)
         else:
             available = np.flatnonzero(np.fromiter((i not in excluded for i in ids), dtype=bool, count=len(ids)))
-        order = top_k(output.query_scores, available, query.top_k)
+        engagement = output.query_engagement
+        by_engagement = engagement is not None and query.rank_by != "rating"
+        order = top_k(engagement if by_engagement else output.query_scores, available, query.top_k)
         return ScoredItems(
             request_id=query.user.request_id,
             model_name=model.name,
@@ -107,6 +111,7 @@ class RecommenderCore:
             item_ids=[ids[i] for i in order.tolist()],
             scores=output.query_scores[order],
             adaptation=self._summary(model, query.user, encoded, output),
+            engagement=None if engagement is None else engagement[order],
         )
 
     async def score(self, query: ScoreQuery) -> ScoredItems:
@@ -122,6 +127,7 @@ class RecommenderCore:
             item_ids=query.items.ids,
             scores=output.query_scores,
             adaptation=self._summary(model, query.user, encoded, output),
+            engagement=output.query_engagement,
         )
 
     def describe(self) -> ModelDescription:
@@ -153,6 +159,7 @@ class RecommenderCore:
             max_interactions=self._limits.max_interactions,
             max_candidates=self._limits.max_candidates,
             max_batch_size=self._limits.max_batch_size,
+            has_engagement=artifact.has_engagement,
         )
 
     # -- encoding -------------------------------------------------------------------

@@ -87,6 +87,9 @@ class RecommendQuery:
     top_k: int = 0  # 0 = every candidate
     exclude_interacted: bool = False
     exclude_item_ids: Sequence[str] = ()
+    # What orders the list: "auto" = engagement when the model has an engagement head,
+    # else the predicted rating.
+    rank_by: Literal["auto", "engagement", "rating"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class ScoredItems:
     item_ids: Sequence[str]
     scores: np.ndarray  # (len(item_ids),) float32, label units
     adaptation: AdaptationSummary
+    engagement: np.ndarray | None = None  # (len(item_ids),) float32 engagement logits, if the model has them
 
 
 @dataclass(frozen=True)
@@ -151,3 +155,4 @@ class ModelDescription:
     max_interactions: int
     max_candidates: int
     max_batch_size: int
+    has_engagement: bool = False

@@ -27,7 +27,7 @@ from typing import Callable, Generic, Hashable, Iterator, Literal, NamedTuple, P
 
 import numpy as np
 
-from service.artifact import INPUT_NAMES, OUTPUT_NAMES, Artifact, GraphMismatchError, TensorSignature
+from service.artifact import INPUT_NAMES, Artifact, GraphMismatchError, TensorSignature
 from service.padding import (
     EngineInputs,
     EngineOutputs,
@@ -143,9 +143,10 @@ class OnnxRuntimeEngine:
             [_ort_signature(o) for o in self._session.get_outputs()],
         )
         self._feeds = [(i, name) for i, name in enumerate(INPUT_NAMES) if name in {t.name for t in artifact.inputs}]
+        self._outputs = list(artifact.output_names)
 
     def run(self, inputs: EngineInputs) -> EngineOutputs:
-        outputs = self._session.run(OUTPUT_NAMES, {name: inputs[i] for i, name in self._feeds})
+        outputs = self._session.run(self._outputs, {name: inputs[i] for i, name in self._feeds})
         return EngineOutputs(*outputs)
 
     def gpu_memory_bytes(self) -> dict[str, int]:
@@ -177,10 +178,11 @@ def _load_program(artifact: Artifact, device):
     inputs, outputs = _program_signature(program)
     if [t.name for t in inputs] != list(INPUT_NAMES):
         raise GraphMismatchError(file, f"inputs {[t.name for t in inputs]}, expected {list(INPUT_NAMES)} in that order")
-    if len(outputs) != len(OUTPUT_NAMES):
-        raise GraphMismatchError(file, f"{len(outputs)} outputs, expected {len(OUTPUT_NAMES)}")
+    expected = artifact.output_names
+    if len(outputs) != len(expected):
+        raise GraphMismatchError(file, f"{len(outputs)} outputs, expected {len(expected)} ({', '.join(expected)})")
     # The program's outputs are unnamed: they are the manifest's outputs in OUTPUT_NAMES order.
-    named_outputs = [TensorSignature(name, t.dtype, t.shape) for name, t in zip(OUTPUT_NAMES, outputs)]
+    named_outputs = [TensorSignature(name, t.dtype, t.shape) for name, t in zip(expected, outputs)]
     artifact.check_graph(file, inputs, named_outputs, extra_inputs_ok=True)
     return program.module().to(device)
 
@@ -440,9 +442,14 @@ class StaticGraph:
                 host_tensor.copy_(device_tensor, non_blocking=True)
         if self._stream is not None:
             self._stream.synchronize()  # the batch's one wait: its results are on the host
-        scores, before, after = self._host_output_arrays
+        scores, before, after, *engagement = self._host_output_arrays
         # Copies: the host buffers are overwritten by the next batch.
-        return EngineOutputs(scores[:users, :query].copy(), before[:users].copy(), after[:users].copy())
+        return EngineOutputs(
+            scores[:users, :query].copy(),
+            before[:users].copy(),
+            after[:users].copy(),
+            engagement[0][:users, :query].copy() if engagement else None,
+        )
 
 
 class CudaGraphEngine:

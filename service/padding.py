@@ -29,6 +29,7 @@ class EngineOutputs(NamedTuple):
     query_scores: np.ndarray  # (B, Q) float32
     support_loss_before: np.ndarray  # (B,) float32
     support_loss_after: np.ndarray  # (B,) float32
+    query_engagement: np.ndarray | None = None  # (B, Q) float32, models with an engagement head
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,7 @@ class UserOutputs:
     query_scores: np.ndarray  # (q,) float32
     support_loss_before: float
     support_loss_after: float
+    query_engagement: np.ndarray | None = None  # (q,) float32, models with an engagement head
 
 
 def powers_of_two(smallest: int, largest: int) -> tuple[int, ...]:
@@ -128,7 +130,7 @@ def concat_outputs(parts: Sequence[EngineOutputs]) -> EngineOutputs:
     """The outputs of consecutive chunks of one batch, joined back in order."""
     if len(parts) == 1:
         return parts[0]
-    return EngineOutputs(*(np.concatenate(arrays) for arrays in zip(*parts)))
+    return EngineOutputs(*(None if arrays[0] is None else np.concatenate(arrays) for arrays in zip(*parts)))
 
 
 def fill_padded(target: np.ndarray, source: np.ndarray) -> None:
@@ -170,8 +172,15 @@ def split_batch(outputs: EngineOutputs, users: Sequence[UserInputs]) -> list[Use
     """Each user's unpadded share of a batch's outputs."""
     before = outputs.support_loss_before.tolist()
     after = outputs.support_loss_after.tolist()
+    engagement = outputs.query_engagement
     return [
-        UserOutputs(outputs.query_scores[i, : user.query_size], before[i], after[i]) for i, user in enumerate(users)
+        UserOutputs(
+            outputs.query_scores[i, : user.query_size],
+            before[i],
+            after[i],
+            None if engagement is None else engagement[i, : user.query_size],
+        )
+        for i, user in enumerate(users)
     ]
 
 

@@ -30,6 +30,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 _ROLES = {"interaction": pb.INTERACTION, "candidate": pb.CANDIDATE}
 _HANDLING = {"encoded_from_attributes": pb.ENCODED_FROM_ATTRIBUTES}
 _LABEL_KINDS = {"rating": manifest_pb2.RATING, "click": manifest_pb2.CLICK}
+_RANK_BY = {pb.RANK_BY_UNSPECIFIED: "auto", pb.RANK_BY_ENGAGEMENT: "engagement", pb.RANK_BY_PREDICTED_RATING: "rating"}
 
 
 class RecommenderServicer:
@@ -45,6 +46,7 @@ class RecommenderServicer:
             top_k=request.top_k,
             exclude_interacted=request.exclude_interacted,
             exclude_item_ids=tuple(request.exclude_item_ids),
+            rank_by=_rank_by(request.rank_by),
         )
         result = await self._core.recommend(query)
         response = pb.RecommendResponse(
@@ -75,7 +77,14 @@ class RecommenderServicer:
             learner=d.learner,
             engine=d.engine,
             limits=pb.Limits(max_interactions=d.max_interactions, max_candidates=d.max_candidates, max_batch_size=d.max_batch_size),
+            has_engagement=d.has_engagement,
         )
+
+
+def _rank_by(value: int) -> str:
+    if value not in _RANK_BY:
+        raise InvalidArgument.one("rank_by", f"unknown value {value}; use RANK_BY_ENGAGEMENT or RANK_BY_PREDICTED_RATING")
+    return _RANK_BY[value]
 
 
 def _user(request: pb.RecommendRequest | pb.ScoreRequest, context: grpc.aio.ServicerContext) -> domain.UserContext:
@@ -109,8 +118,12 @@ def _either(messages, ids, messages_field: str, ids_field: str) -> domain.ItemLi
 
 def _fill(response: pb.RecommendResponse | pb.ScoreResponse, result: domain.ScoredItems) -> None:
     add = response.items.add  # add() in a loop: half the cost of extend() with new messages
-    for item_id, score in zip(result.item_ids, result.scores.tolist()):
-        add(item_id=item_id, score=score)
+    if result.engagement is None:
+        for item_id, score in zip(result.item_ids, result.scores.tolist()):
+            add(item_id=item_id, score=score)
+    else:
+        for item_id, score, engagement in zip(result.item_ids, result.scores.tolist(), result.engagement.tolist()):
+            add(item_id=item_id, score=score, engagement=engagement)
     a = result.adaptation
     summary = response.adaptation
     summary.support_size = a.support_size

@@ -7,7 +7,7 @@ meta-step only gathers rows: no Python work per interaction inside the training 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import logging
 
@@ -120,6 +120,16 @@ class EpisodeConfig:
             raise ValueError("max_user_interactions must be >= 0")
 
 
+class Episode(NamedTuple):
+    """A meta-batch of episodes, with the catalog rows of its items (padding_row = none)."""
+
+    batch: Batch
+    query_labels: torch.Tensor  # (B, Q)
+    query_mask: torch.Tensor  # (B, Q)
+    support_rows: torch.Tensor  # (B, S) int64
+    query_rows: torch.Tensor  # (B, Q) int64
+
+
 class EpisodeSampler:
     """Chronological episodes: support = a user's earliest K interactions, query = later ones."""
 
@@ -146,6 +156,11 @@ class EpisodeSampler:
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[Batch, torch.Tensor, torch.Tensor]:
         """(batch, query_labels (B, Q), query_mask (B, Q)) for batch_size distinct users."""
+        episode = self.sample_episode(rng, batch_size)
+        return episode.batch, episode.query_labels, episode.query_mask
+
+    def sample_episode(self, rng: np.random.Generator, batch_size: int) -> Episode:
+        """Episodes for batch_size distinct users, with their items' catalog rows."""
         c = self.config
         chosen = rng.choice(len(self.users), size=min(batch_size, len(self.users)), replace=False)
         users, supports, support_labels, queries, query_labels = [], [], [], [], []
@@ -174,10 +189,14 @@ class EpisodeSampler:
             queries.append(rows[later])
             query_labels.append(labels[later])
         batch = pad_batch(self.catalog, users, supports, support_labels, queries)
-        q = batch.query_items.shape[1]
+        s, q = batch.support_items.shape[1], batch.query_items.shape[1]
         labels_out = torch.zeros((len(users), q))
         mask_out = torch.zeros((len(users), q))
-        for i, lab in enumerate(query_labels):
+        support_rows = torch.full((len(users), s), self.catalog.padding_row, dtype=torch.int64)
+        query_rows = torch.full((len(users), q), self.catalog.padding_row, dtype=torch.int64)
+        for i, (lab, sup, qry) in enumerate(zip(query_labels, supports, queries)):
             labels_out[i, : len(lab)] = torch.from_numpy(lab)
             mask_out[i, : len(lab)] = 1.0
-        return batch, labels_out, mask_out
+            support_rows[i, : len(sup)] = torch.from_numpy(sup)
+            query_rows[i, : len(qry)] = torch.from_numpy(qry)
+        return Episode(batch, labels_out, mask_out, support_rows, query_rows)

@@ -227,7 +227,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args)
     dataset = load_from_args(args)
     config = JobConfig(
-        model=M.ModelConfig(kind=args.model, factors=args.factors, attribute_prior=args.attribute_prior),  # type: ignore[arg-type]
+        model=M.served_config(
+            kind=args.model,
+            factors=args.factors,
+            attribute_prior=args.attribute_prior,
+            engagement_factors=args.engagement_factors if args.model == "bias_factor" else 0,
+        ),
         learner=args.learner,
         inner=learner_config(args.learner, steps=args.inner_steps),
         train=train_config_from(args),
@@ -291,13 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="warmstart", help="model name")
     p.add_argument("--version", default=None, help="version to write (default: one above the highest present)")
     p.add_argument("--model", choices=("bias_factor", "mlp"), default="bias_factor", help="model structure")
-    p.add_argument("--factors", type=int, default=16, help="bias_factor: factor dimension (16: what the evaluation measured)")
+    from training import model as M
+
+    served = M.served_config()
+    p.add_argument("--factors", type=int, default=served.factors, help=f"bias_factor: rating factor dimension (default {served.factors})")
+    p.add_argument(
+        "--engagement-factors",
+        type=int,
+        default=served.engagement_factors,
+        help=f"bias_factor: engagement head dimension, what Recommend ranks by (default {served.engagement_factors}; 0 = none)",
+    )
     p.add_argument(
         "--attribute-prior",
         choices=("on", "off", "tune"),
-        default="on",
+        default=served.attribute_prior,
         help="bias_factor: shrink items toward what their attributes predict (on), toward the mean (off), "
-        "or let the validation users choose (tune). 'off' suits catalogs whose new items differ from the old",
+        f"or let the validation users choose (tune, the default: {served.attribute_prior})",
     )
     p.add_argument(
         "--learner", choices=("warmstart", "maml", "fomaml", "metasgd", "none"), default="warmstart", help="meta-learner"

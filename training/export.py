@@ -59,6 +59,12 @@ log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("user_features", "support_items", "support_labels", "support_mask", "query_items")
 OUTPUT_NAMES = ("query_scores", "support_loss_before", "support_loss_after")
+ENGAGEMENT_OUTPUT = "query_engagement"  # a fourth output, for models with the engagement head
+
+
+def output_names(adapted: AdaptedModel) -> tuple[str, ...]:
+    """The graph's outputs for this model, in order."""
+    return (*OUTPUT_NAMES, ENGAGEMENT_OUTPUT) if adapted.model_config.engagement_factors else OUTPUT_NAMES
 TOLERANCE = 1e-4
 INLINE_VOCABULARY_MAX = 1000  # larger vocabularies go to vocab/<field>.txt
 ONNX_OPSET = 18
@@ -189,7 +195,7 @@ def verify(
             reference = [t.numpy() for t in adapted.forward(batch)]
             exported = [t.detach().numpy() for t in module(*batch)]
         feeds = {name: t.numpy() for name, t in zip(INPUT_NAMES, batch) if name in onnx_inputs}
-        from_onnx = session.run(list(OUTPUT_NAMES), feeds)
+        from_onnx = session.run(list(output_names(adapted)), feeds)
         diff_onnx = max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(reference, from_onnx))
         diff_export = max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(reference, exported))
         finite = all(np.all(np.isfinite(x)) for x in (*reference, *from_onnx, *exported))
@@ -199,13 +205,13 @@ def verify(
     return checks
 
 
-def _onnx_export(program: torch.export.ExportedProgram):
+def _onnx_export(program: torch.export.ExportedProgram, outputs: Sequence[str]):
     """ONNX from the already exported program (one torch.export, not two)."""
     return torch.onnx.export(
         program,
         dynamo=True,
         input_names=list(INPUT_NAMES),
-        output_names=list(OUTPUT_NAMES),
+        output_names=list(outputs),
         opset_version=ONNX_OPSET,
         verbose=False,
     )
@@ -248,7 +254,7 @@ def _tensor_spec(name: str, dtype: int, dims: Sequence[int | str], description: 
     return pb.TensorSpec(name=name, dtype=dtype, shape=shape, description=description)
 
 
-def graph_spec(schema: FeatureSchema, onnx_inputs: Sequence[str]) -> pb.GraphSpec:
+def graph_spec(schema: FeatureSchema, onnx_inputs: Sequence[str], engagement: bool = False) -> pb.GraphSpec:
     inputs = {
         "user_features": _tensor_spec("user_features", pb.INT64, ["batch", schema.user_width], "encoded user attributes"),
         "support_items": _tensor_spec(
@@ -263,6 +269,8 @@ def graph_spec(schema: FeatureSchema, onnx_inputs: Sequence[str]) -> pb.GraphSpe
         _tensor_spec("support_loss_before", pb.FLOAT32, ["batch"], "mean support loss at the initialisation"),
         _tensor_spec("support_loss_after", pb.FLOAT32, ["batch"], "mean support loss after the inner steps"),
     ]
+    if engagement:
+        outputs.append(_tensor_spec(ENGAGEMENT_OUTPUT, pb.FLOAT32, ["batch", "query"], "engagement logits (what Recommend ranks by)"))
     return pb.GraphSpec(
         onnx_file="model.onnx",
         torch_export_file="model.pt2",
@@ -351,7 +359,7 @@ def export_artifact(
             raise ExportError("the exported program pins tensors to a device: " + "; ".join(pinned[:5]))
         torch.export.save(program, str(tmp / "model.pt2"))
         with _quiet_exporters():
-            onnx_program = _onnx_export(program)
+            onnx_program = _onnx_export(program, output_names(adapted))
         onnx_program.save(str(tmp / "model.onnx"))
         checks = verify(adapted, tmp / "model.onnx", program)
         worst = max(max(c.max_abs_diff_onnx, c.max_abs_diff_torch_export) for c in checks)
@@ -384,7 +392,7 @@ def export_artifact(
             ),
             model=_model_spec(adapted, learner),
             inner_loop=_inner_spec(adapted.inner_config, adapted.params, max_support_trained),
-            graph=graph_spec(adapted.schema, onnx_inputs),
+            graph=graph_spec(adapted.schema, onnx_inputs, engagement=bool(adapted.model_config.engagement_factors)),
             catalog=pb.Catalog(ids_file="catalog_items.txt", features_file="catalog.safetensors", size=len(catalog.item_ids)),
             evaluation=evaluation or pb.EvaluationSummary(),
             training=training or pb.TrainingInfo(),
@@ -440,6 +448,7 @@ def load_exported_model(artifact: Path) -> AdaptedModel:
         normalise_by_support_size=loop.normalise_by_support_size,
         prior_pull=loop.prior_pull,
         max_step_norm=loop.max_step_norm,
+        keep_best=loop.keep_best,
     )
     kind = "click" if manifest.label.kind == pb.CLICK else "rating"
     label = LabelSpec(kind, manifest.label.min_value, manifest.label.max_value)
@@ -483,4 +492,5 @@ def _inner_spec(config: InnerLoopConfig, params: M.Params, max_support_trained: 
         prior_pull=config.prior_pull,
         max_step_norm=config.max_step_norm,
         max_support_trained=max_support_trained,
+        keep_best=config.keep_best,
     )

@@ -95,3 +95,35 @@ def attribute_prior(design: np.ndarray, targets: np.ndarray, weights: np.ndarray
     weighted = design * weights[:, None]
     gram = design.T @ weighted + l2 * np.eye(design.shape[1])
     return np.linalg.solve(gram, weighted.T @ targets)
+
+
+@dataclass(frozen=True)
+class EngagementStart:
+    table: np.ndarray  # (items, 1 + factors): [centred log-popularity | SVD factors], rows as `items`
+    items: list[str]  # the item ids of the rows
+    second_moment: np.ndarray  # (factors,) mean of P_ik^2 over the training interactions
+
+
+def engagement_start(user_ids: np.ndarray, item_ids: np.ndarray, factors: int, seed: int = 0) -> EngagementStart:
+    """Where the engagement head starts: each item's log-popularity (centred) and the right
+    singular vectors of the binary user x item matrix, scaled so that their mean outer
+    product over the items is the identity (PureSVD's item space: a new user's fold-in
+    against them is already a sound top-N recommender)."""
+    import torch
+
+    if factors < 1:
+        raise ValueError("factors must be >= 1")
+    users, user_index = np.unique(user_ids, return_inverse=True)
+    items, item_index = np.unique(item_ids, return_inverse=True)
+    pairs = np.unique(np.stack([user_index, item_index]), axis=1)  # one entry per (user, item)
+    counts = np.bincount(pairs[1], minlength=len(items)).astype(np.float64)
+    popularity = np.log1p(counts)
+    popularity -= popularity.mean()
+    rank = min(factors, len(users), len(items))
+    matrix = torch.sparse_coo_tensor(torch.from_numpy(pairs), torch.ones(pairs.shape[1], dtype=torch.float64), (len(users), len(items)))
+    torch.manual_seed(seed)
+    _, _, v = torch.svd_lowrank(matrix, q=rank, niter=6)  # (items, rank)
+    item_factors = np.zeros((len(items), factors))
+    item_factors[:, :rank] = v.numpy() * np.sqrt(len(items))
+    moment = np.maximum(np.mean(item_factors[pairs[1]] ** 2, axis=0), 1e-4)
+    return EngagementStart(np.concatenate([popularity[:, None], item_factors], axis=1), items.tolist(), moment)

@@ -29,7 +29,7 @@ composes with it); first_order=True detaches the inner gradients instead.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Literal, Mapping, NamedTuple, Sequence
 
 import torch
@@ -59,6 +59,9 @@ class InnerLoopConfig:
     prior_pull_init: float = 5.0  # initial pull weight per coordinate
     max_step_norm: float = 2.0  # clip each user's update per step to this L2 norm; 0 = no clip
     first_order: bool = False  # drop second-order terms of the meta-gradient
+    # Return the iterate with the lowest support loss (the start included), so adaptation
+    # never leaves a user fitting their own interactions worse than the initialisation.
+    keep_best: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -94,6 +97,7 @@ class InnerLoopOutput(NamedTuple):
     query_scores: Tensor  # (B, Q) raw: ratings, or logits for clicks
     support_loss_before: Tensor  # (B,) mean support loss at theta_0 (0 with no support)
     support_loss_after: Tensor  # (B,) ... after the inner steps
+    query_engagement: Tensor | None = None  # (B, Q) engagement logits (models with the engagement head)
 
 
 def _lr_names(name: str, config: InnerLoopConfig) -> list[str]:
@@ -102,12 +106,23 @@ def _lr_names(name: str, config: InnerLoopConfig) -> list[str]:
     return [f"{INNER_PREFIX}log_lr.{name}"]
 
 
+CATALOG_WEIGHT = f"{INNER_PREFIX}log_catalog_weight"  # engagement: weight of the all-items term
+
+
+def adapted_parameter_names(model_config: M.ModelConfig) -> tuple[str, ...]:
+    """Every per-user parameter the inner loop adapts: the rating head's, then the engagement head's."""
+    names = model_config.adapted_names()
+    return (*names, M.ENGAGEMENT_USER) if model_config.engagement_factors else names
+
+
 def init_inner_params(
     model_config: M.ModelConfig, config: InnerLoopConfig, params: M.Params
 ) -> M.Params:
     """Inner-loop parameters (log step sizes, log offset, log pulls) to add to the model's."""
     out: M.Params = {}
-    for name in model_config.adapted_names():
+    if model_config.engagement_factors:
+        out[CATALOG_WEIGHT] = torch.zeros(())
+    for name in adapted_parameter_names(model_config):
         shape = () if config.learning_rate_kind == "scalar" else tuple(params_shape(model_config, params, name))
         for lr_name in _lr_names(name, config):
             out[lr_name] = torch.full(shape, math.log(config.learning_rate))
@@ -123,7 +138,11 @@ def init_inner_params(
 def params_shape(model_config: M.ModelConfig, params: M.Params, name: str) -> torch.Size:
     """Per-user shape of an adapted parameter."""
     if model_config.kind == "bias_factor":
-        return {"user.bias": torch.Size(()), "user.factors": torch.Size((model_config.factors,))}[name]
+        return {
+            "user.bias": torch.Size(()),
+            "user.factors": torch.Size((model_config.factors,)),
+            M.ENGAGEMENT_USER: torch.Size((model_config.engagement_factors,)),
+        }[name]
     return params[name].shape
 
 
@@ -173,6 +192,7 @@ def inner_steps(
 
     objective_grad = grad(objective)
     theta = dict(theta0)
+    best, best_loss = theta, data_loss(theta0) if config.keep_best else None
     for step in range(config.steps):
         g = objective_grad(theta)
         if config.first_order:
@@ -188,7 +208,30 @@ def inner_steps(
             scale = torch.clamp(config.max_step_norm / norm, max=1.0)
             updates = {n: u * scale for n, u in updates.items()}
         theta = {n: theta[n] - updates[n] for n in theta}
-    return theta
+        if config.keep_best:
+            loss = data_loss(theta)
+            better = loss < best_loss
+            best = {n: torch.where(better, theta[n], best[n]) for n in theta}
+            best_loss = torch.where(better, loss, best_loss)
+    return best if config.keep_best else theta
+
+
+def _step_settings(names: Sequence[str], config: InnerLoopConfig, params: M.Params):
+    """(pulls, learning rates, offsets) of the named adapted parameters, from their log form."""
+    pulls = {n: torch.exp(params[f"{INNER_PREFIX}log_pull.{n}"]) for n in names} if config.prior_pull else {}
+    learning_rates = {n: [torch.exp(params[lr]) for lr in _lr_names(n, config)] for n in names}
+    offsets = {n: torch.exp(params[f"{INNER_PREFIX}log_offset.{n}"]) for n in names} if config.normalise_by_support_size else {}
+    return pulls, learning_rates, offsets
+
+
+def _denominators(names: Sequence[str], n_support: Tensor, offsets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: (n_support + offsets[n] if offsets else n_support).clamp(min=1.0) for n in names}
+
+
+def engagement_weights(loss_kind: LossKind, labels: Tensor, mask: Tensor) -> Tensor:
+    """Which support entries count as engagement: every interaction with a rated item, only
+    the positive ones for clicks (a shown-but-not-clicked item is not engagement)."""
+    return mask * labels if loss_kind == "logistic" else mask
 
 
 def adapt_and_score(
@@ -199,20 +242,25 @@ def adapt_and_score(
     batch: Batch,
     loss_kind: LossKind = "squared",
 ) -> InnerLoopOutput:
-    """Adapts every user of the batch to its support set and scores its query items."""
+    """Adapts every user of the batch to its support set and scores its query items.
+
+    With the engagement head (model_config.engagement_factors > 0; params must hold
+    M.ENGAGEMENT_GRAM, see M.with_engagement_gram) the same inner steps also adapt the
+    user's engagement factors phi on an implicit least-squares loss, as an implicit-ALS
+    fold-in would:
+
+        sum_j w_j * (1 - p_j . phi)^2 + alpha * phi' G phi + pull * ||phi - phi_0||^2
+
+    (j = support items, w_j = 1 for an interaction, G = mean p p' over the catalog: every
+    item not interacted with counts as a weak negative, at no per-item cost), and the
+    output carries each query item's engagement logit c_j + scale * p_j . phi.
+    """
     adapted_names = model_config.adapted_names()
     users = M.user_repr(model_config, schema, params, batch.user_features)  # (B, Du)
     support_repr = M.pair_repr(model_config, users, M.item_repr(model_config, schema, params, batch.support_items))
     query_repr = M.pair_repr(model_config, users, M.item_repr(model_config, schema, params, batch.query_items))
     start = M.initial_user_params(model_config, schema, params, batch.user_features)  # {name: (B, ...)}
-
-    pulls = {n: torch.exp(params[f"{INNER_PREFIX}log_pull.{n}"]) for n in adapted_names} if config.prior_pull else {}
-    learning_rates = {n: [torch.exp(params[lr]) for lr in _lr_names(n, config)] for n in adapted_names}
-    offsets = (
-        {n: torch.exp(params[f"{INNER_PREFIX}log_offset.{n}"]) for n in adapted_names}
-        if config.normalise_by_support_size
-        else {}
-    )
+    pulls, learning_rates, offsets = _step_settings(adapted_names, config, params)
 
     def per_user(start_u: M.Params, user: Tensor, s_items, labels: Tensor, mask: Tensor, q_items):
         theta0 = {n: start_u[n] for n in adapted_names}
@@ -223,8 +271,7 @@ def adapt_and_score(
             return (support_loss_terms(loss_kind, scores, labels) * mask).sum()
 
         n_support = mask.sum()
-        denominators = {n: (n_support + offsets[n] if offsets else n_support).clamp(min=1.0) for n in adapted_names}
-        theta = inner_steps(data_loss, theta0, learning_rates, denominators, config, pulls)
+        theta = inner_steps(data_loss, theta0, learning_rates, _denominators(adapted_names, n_support, offsets), config, pulls)
         before = data_loss(theta0) / n_support.clamp(min=1.0)
         after = data_loss(theta) / n_support.clamp(min=1.0)
         scores = M.predict(model_config, params, {**fixed, **theta}, user, q_items)
@@ -233,7 +280,41 @@ def adapt_and_score(
     scores, before, after = vmap(per_user)(
         start, users, support_repr, batch.support_labels, batch.support_mask, query_repr
     )
-    return InnerLoopOutput(scores, before, after)
+    if not model_config.engagement_factors:
+        return InnerLoopOutput(scores, before, after)
+    _, support_p = M.item_engagement(model_config, schema, params, batch.support_items)  # (B, S, e)
+    query_c, query_p = M.item_engagement(model_config, schema, params, batch.query_items)  # (B, Q), (B, Q, e)
+    weights = engagement_weights(loss_kind, batch.support_labels, batch.support_mask)  # (B, S)
+    phi = adapt_engagement(model_config, config, params, support_p, weights)  # (B, e)
+    engagement = vmap(lambda c, p, f: M.engagement_scores(params, c, p, f))(query_c, query_p, phi)
+    return InnerLoopOutput(scores, before, after, engagement)
+
+
+def adapt_engagement(
+    model_config: M.ModelConfig, config: InnerLoopConfig, params: M.Params, support_p: Tensor, weights: Tensor
+) -> Tensor:
+    """Each user's adapted engagement factors phi (B, e) from their support items' engagement
+    factors (B, S, e) and weights (B, S): the inner steps on the implicit loss of adapt_and_score."""
+    names = (M.ENGAGEMENT_USER,)
+    pulls, learning_rates, offsets = _step_settings(names, config, params)
+    # No best-iterate guard here: its selection would cut the meta-gradient to the step
+    # sizes whenever a step overshoots, which is exactly when they need to learn.
+    config = replace(config, keep_best=False)
+    gram = params[M.ENGAGEMENT_GRAM]  # (e, e)
+    catalog_weight = torch.exp(params[CATALOG_WEIGHT])
+    phi0 = params["eng.user0"]
+
+    def per_user(p: Tensor, w: Tensor) -> Tensor:
+        def data_loss(theta: M.Params) -> Tensor:
+            phi = theta[M.ENGAGEMENT_USER]
+            fit = 1.0 - p @ phi  # (S,)
+            return (w * fit * fit).sum() + catalog_weight * (phi @ (gram @ phi))
+
+        theta0 = {M.ENGAGEMENT_USER: phi0}
+        theta = inner_steps(data_loss, theta0, learning_rates, _denominators(names, w.sum(), offsets), config, pulls)
+        return theta[M.ENGAGEMENT_USER]
+
+    return vmap(per_user)(support_p, weights)
 
 
 def to_label_units(scores: Tensor, loss_kind: LossKind, low: float, high: float) -> Tensor:

@@ -97,6 +97,8 @@ class Prepared:
     sources: list[EpisodeSource] = field(default_factory=list)  # cross-fitted halves (empty: none)
     item_stats: ItemStats | None = None  # label sums and counts per item (for the attribute prior)
     item_shrinkage: float = 0.0  # the bias baseline's tuned item shrinkage
+    engagement_moment: np.ndarray | None = None  # per-coordinate second moment of the starting engagement factors
+    engaged: Dataset | None = None  # the training interactions that count as engagement
 
 
 def prepare(
@@ -121,10 +123,23 @@ def prepare(
     stats, moment = item_side(dataset, train, schema, catalog, bias.item_shrinkage, user_shrinkage, model_config)
     if model_config.attribute_prior == "on":
         stats = with_attribute_prior(stats, schema, catalog, ItemStats.of(train), bias.item_shrinkage, model_config.attribute_prior_l2)
+    engagement_moment, engaged = None, None
+    if model_config.engagement_factors:
+        engaged = train if dataset.label.kind != "click" else train.subset(train.labels > 0.5)
+        stats.engagement_start, engagement_moment = engagement_side(engaged, schema, model_config.engagement_factors, train_config.seed)
     learns_items = not (model_config.kind == "bias_factor" and _item_side_frozen(model_config))
     sampler = EpisodeSampler(catalog, train, train_config.episodes, learns_item_side=learns_items)
     prepared = Prepared(
-        schema, catalog, sampler, stats, user_shrinkage, moment, item_stats=ItemStats.of(train), item_shrinkage=bias.item_shrinkage
+        schema,
+        catalog,
+        sampler,
+        stats,
+        user_shrinkage,
+        moment,
+        item_stats=ItemStats.of(train),
+        item_shrinkage=bias.item_shrinkage,
+        engagement_moment=engagement_moment,
+        engaged=engaged,
     )
     if model_config.kind == "bias_factor" and model_config.cross_fit and _item_side_frozen(model_config):
         users = np.unique(train.user_ids)
@@ -146,6 +161,46 @@ def prepare(
                 )
             )
     return prepared
+
+
+def engagement_side(engaged: Dataset, schema: FeatureSchema, factors: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The engagement head's starting id table (rows = id codes) and factor second moment."""
+    from training.factor_init import engagement_start
+
+    id_field = schema.item_id_field
+    if id_field is None or len(engaged) == 0:
+        raise ValueError("the engagement head needs item ids and at least one engaged training interaction")
+    start = engagement_start(engaged.user_ids, engaged.item_ids, factors, seed=seed)
+    table = torch.zeros(id_field.num_codes, 1 + factors)
+    code_of = {item: code for code, item in enumerate(id_field.vocabulary, start=2)}
+    for row, item in zip(start.table, start.items):
+        if item in code_of:
+            table[code_of[item]] = torch.from_numpy(row).float()
+    return table, start.second_moment
+
+
+def engagement_inner_start(prep: Prepared, catalog_weight: float = 1.0, pull: float = 1.0) -> M.Params:
+    """Engagement inner-loop settings that make the first step a diagonal Newton step of the
+    implicit least-squares fold-in (see training.inner_loop.adapt_and_score): with the
+    starting factors' mean outer product the identity, the curvature of coordinate k is
+    2 (n m_k + alpha + pull) for a support of n items with second moment m_k."""
+    from training.inner_loop import CATALOG_WEIGHT
+
+    if prep.engagement_moment is None:
+        raise ValueError("no engagement head prepared")
+    moment = torch.from_numpy(prep.engagement_moment).float()
+    name = M.ENGAGEMENT_USER
+    return {
+        CATALOG_WEIGHT: torch.tensor(math.log(catalog_weight)),
+        f"inner.log_lr.{name}": torch.log(0.5 / moment),
+        f"inner.log_offset.{name}": torch.log((catalog_weight + pull) / moment),
+        f"inner.log_pull.{name}": torch.full_like(moment, math.log(pull)),
+    }
+
+
+def rating_only(config: M.ModelConfig) -> M.ModelConfig:
+    """The same model without its engagement head (for tuning and training the rating head)."""
+    return replace(config, engagement_factors=0)
 
 
 def _item_side_frozen(config: M.ModelConfig) -> bool:
@@ -313,11 +368,113 @@ def meta_train(
         sources=[(source.sampler, source.item_params) for source in prep.sources],
     )
     result = trainer.run(log_path=log_path)
+    if model_config.engagement_factors:
+        result = _train_engagement(model_config, inner_config, train_config, prep, dataset, train, valid_tasks, result, checkpoint_dir, log_path, progress)
     adapted = AdaptedModel(model_config, inner_config, prep.schema, dataset.label, result.params)
     return adapted, result, prep
 
 
+def _train_engagement(
+    model_config: M.ModelConfig,
+    inner_config: InnerLoopConfig,
+    train_config: TrainConfig,
+    prep: Prepared,
+    dataset: Dataset,
+    train: Dataset,
+    valid_tasks: Sequence[Task],
+    rating: TrainResult,
+    checkpoint_dir: Path | None,
+    log_path: Path | None,
+    progress: bool,
+) -> TrainResult:
+    """The second phase: the engagement head, meta-trained on its listwise objective from the
+    rating phase's parameters (which it leaves as they are). Returns both phases' record."""
+    from training.inner_loop import init_inner_params
+
+    params = {k: v for k, v in rating.params.items() if k != M.ENGAGEMENT_GRAM}
+    if inner_config.normalise_by_support_size and inner_config.prior_pull and inner_config.learning_rate_kind == "per_parameter":
+        params.update(engagement_inner_start(prep))
+        if valid_tasks:
+            params = _tune_engagement_start(model_config, inner_config, prep, params, dataset.label, valid_tasks)
+    else:
+        defaults = init_inner_params(model_config, inner_config, params)
+        params.update({k: v for k, v in defaults.items() if k not in params})
+    config = replace(
+        train_config,
+        objective="engagement",
+        episodes=replace(train_config.episodes, query="later", min_support=0, max_support=max(train_config.episodes.max_support, 20)),
+    )
+    assert prep.engaged is not None
+    sampler = EpisodeSampler(prep.catalog, prep.engaged, config.episodes, learns_item_side=True)
+    trainer = MetaTrainer(
+        model_config,
+        inner_config,
+        config,
+        prep.schema,
+        dataset.label,
+        prep.catalog,
+        sampler,
+        valid_tasks,
+        params,
+        interactions=len(prep.engaged),
+        checkpoint_dir=None if checkpoint_dir is None else checkpoint_dir / "engagement",
+        progress=progress,
+        fingerprint=train.fingerprint(),
+    )
+    result = trainer.run(log_path=None if log_path is None else log_path.with_name(log_path.stem + "_engagement" + log_path.suffix))
+    log.info(
+        "engagement head: %d meta-steps in %.0f s, best validation Recall@20 %.4f",
+        result.steps_done,
+        result.wall_time_s,
+        -result.best_validation_loss,
+    )
+    return TrainResult(
+        params=result.params,
+        best_validation_loss=rating.best_validation_loss,
+        steps_done=rating.steps_done,
+        wall_time_s=rating.wall_time_s + result.wall_time_s,
+        history=[*rating.history, *({**h, "phase": "engagement"} for h in result.history)],
+        engagement_recall=-result.best_validation_loss,
+        engagement_steps=result.steps_done,
+    )
+
+
 FOLD_IN_GRID = (3.0, 10.0, 30.0, 100.0, 300.0)
+ENGAGEMENT_STEP_GRID = (1 / 4, 1 / 16, 1 / 64, 1 / 256)  # multiples of the diagonal Newton step
+ENGAGEMENT_SCALE_GRID = (1.0, 3.0, 10.0)  # weight of the personal part against popularity
+
+
+def _tune_engagement_start(
+    model_config: M.ModelConfig, inner_config: InnerLoopConfig, prep: Prepared, params: M.Params, label: LabelSpec, valid_tasks: Sequence[Task]
+) -> M.Params:
+    """The engagement head's starting step size and personal weight, by validation Recall@20.
+
+    The diagonal Newton step overshoots on the strongly correlated factors of a support set
+    (its items share the leading singular directions), so the start takes a fraction of it;
+    which fraction, and how much the fitted user counts against popularity, the validation
+    users decide, as for every other starting setting.
+    """
+    from training.trainer import ENGAGEMENT_VALIDATION_SIZES, MetaTrainer, catalog_recall, ranked_catalog_rows
+
+    rows = ranked_catalog_rows(prep.catalog, prep.schema)
+    probe = MetaTrainer.ranked_gram  # one definition of the Gram matrix over the ranked catalog
+    scores, built = {}, {}
+    for fraction in ENGAGEMENT_STEP_GRID:
+        for weight in ENGAGEMENT_SCALE_GRID:
+            candidate = dict(params)
+            candidate[f"inner.log_lr.{M.ENGAGEMENT_USER}"] = params[f"inner.log_lr.{M.ENGAGEMENT_USER}"] + math.log(fraction)
+            candidate["eng.log_scale"] = torch.tensor(math.log(weight))
+            with torch.no_grad():
+                scored = probe(model_config, prep.schema, candidate, prep.catalog, rows)
+            model = AdaptedModel(model_config, inner_config, prep.schema, label, scored)
+            scores[(fraction, weight)] = catalog_recall(model, prep.catalog, rows, valid_tasks, ENGAGEMENT_VALIDATION_SIZES)
+            built[(fraction, weight)] = candidate
+    best = max(scores, key=scores.__getitem__)
+    log.info(
+        "engagement start: step fraction %.4g, personal weight %g (validation Recall@20 %.4f; grid %s)",
+        best[0], best[1], scores[best], {f"{k[0]:.4g}/{k[1]:g}": round(v, 4) for k, v in scores.items()},
+    )
+    return built[best]
 ATTRIBUTE_PRIOR_GRID = (3.0, 30.0, 300.0, 3000.0)
 
 
@@ -341,7 +498,7 @@ def _tune_attribute_prior(
     for weight, stats in candidates.items():
         candidate = {**params, **M.init_params(model_config, prep.schema, stats, seed=seed)}
         candidate.update(warmstart_inner_start(model_config, prep))
-        model = AdaptedModel(model_config, inner_config, prep.schema, dataset.label, {k: v.detach() for k, v in candidate.items()})
+        model = AdaptedModel(rating_only(model_config), inner_config, prep.schema, dataset.label, {k: v.detach() for k, v in candidate.items()})
         scores[weight] = validation_loss(model, prep.catalog, valid_tasks, support_sizes)
         built[weight] = {k: v for k, v in candidate.items() if not k.startswith("inner.")}
     best = min(scores, key=scores.__getitem__)
@@ -367,7 +524,7 @@ def _tune_fold_in(
     for weight in FOLD_IN_GRID:
         candidate = replace(model_config, fold_in_l2=weight)
         start = {**params, **warmstart_inner_start(candidate, prep)}
-        model = AdaptedModel(candidate, inner_config, prep.schema, dataset.label, {k: v.detach() for k, v in start.items()})
+        model = AdaptedModel(rating_only(candidate), inner_config, prep.schema, dataset.label, {k: v.detach() for k, v in start.items()})
         scores[weight] = validation_loss(model, prep.catalog, valid_tasks, support_sizes)
     best = min(scores, key=scores.__getitem__)
     log.info("fold-in ridge weight %.3g (validation loss %.4f; grid %s)", best, scores[best], {k: round(v, 4) for k, v in scores.items()})

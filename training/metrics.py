@@ -316,3 +316,13 @@ def rmse_difference_ci(
         return 0.0, 0.0, 0.0
     _, low, high = _t_interval(se_a - se_b, confidence)
     return rmse_a - rmse_b, low / denominator, high / denominator
+
+
+def recall_at_n(ranked: Sequence[int] | np.ndarray, relevant: Sequence[int] | np.ndarray, n: int) -> float:
+    """Hits of the first n ranked items among the relevant ones, over min(n, |relevant|)
+    (so a user with fewer relevant items than n can reach 1)."""
+    relevant_set = set(np.asarray(relevant).tolist())
+    if not relevant_set:
+        raise ValueError("recall needs at least one relevant item")
+    hits = len(set(np.asarray(ranked)[:n].tolist()) & relevant_set)
+    return hits / min(n, len(relevant_set))

@@ -66,6 +66,12 @@ class ModelConfig:
     # Off by default: on MovieLens-100K (5 dev folds) it learned a more timid adaptation
     # that transferred worse to the full item side used at serving time.
     cross_fit: bool = False
+    # bias_factor: the engagement head ("will this user interact with the item"), what
+    # Recommend ranks the catalog by. 0 = none (a rating-only model). Its item side
+    # (a popularity bias and factors per item id and attribute value) is meta-trained with
+    # a listwise loss over the catalog; the inner loop adapts the user's engagement factors.
+    engagement_factors: int = 0
+    engagement_l2: float = 1.0  # L2 weight on the engagement item tables (per training interaction)
 
     def __post_init__(self) -> None:
         if self.kind not in ("bias_factor", "mlp"):
@@ -80,8 +86,12 @@ class ModelConfig:
             raise ValueError(f"prior must be 'global' or 'user_attributes', got {self.prior!r}")
         if self.factors < 1 or self.embedding_dim < 1 or any(h < 1 for h in self.hidden) or not self.hidden:
             raise ValueError("factors, embedding_dim and hidden widths must be positive (hidden non-empty)")
-        if self.id_l2 < 0 or self.attribute_l2 < 0 or self.init_scale < 0:
-            raise ValueError("id_l2, attribute_l2 and init_scale must be >= 0")
+        if self.id_l2 < 0 or self.attribute_l2 < 0 or self.init_scale < 0 or self.engagement_l2 < 0:
+            raise ValueError("id_l2, attribute_l2, engagement_l2 and init_scale must be >= 0")
+        if self.engagement_factors < 0:
+            raise ValueError(f"engagement_factors must be >= 0, got {self.engagement_factors}")
+        if self.engagement_factors and self.kind != "bias_factor":
+            raise ValueError("the engagement head needs the bias_factor model")
         object.__setattr__(self, "hidden", tuple(self.hidden))
         object.__setattr__(self, "adapted", tuple(self.adapted))
         object.__setattr__(self, "frozen", tuple(self.frozen))
@@ -112,6 +122,13 @@ class ModelConfig:
         return ModelConfig(**d)
 
 
+def served_config(**overrides) -> ModelConfig:
+    """The model `train` exports by default (and the harness's `warmstart` method): bias +
+    factors for ratings, the attribute prior's weight chosen by validation users, and the
+    engagement head Recommend ranks by."""
+    return ModelConfig(**{"attribute_prior": "tune", "engagement_factors": 32, **overrides})
+
+
 @dataclass
 class DataStats:
     """What initialisation takes from the training data (nothing else does)."""
@@ -121,6 +138,7 @@ class DataStats:
     interactions: int  # number of training interactions: scales the L2 terms
     item_factors: Tensor | None = None  # (id codes, factors) starting item-id factors, e.g. from ALS
     attribute_tables: dict[str, Tensor] = field(default_factory=dict)  # starting attribute biases / factors
+    engagement_start: Tensor | None = None  # (id codes, 1 + engagement factors): [log-popularity | factors]
 
 
 def _fields(schema: FeatureSchema, side: str, config: ModelConfig) -> list[Field]:
@@ -162,6 +180,8 @@ def init_params(config: ModelConfig, schema: FeatureSchema, stats: DataStats, se
             params[name] = table.float().clone()
         params["user.bias0"] = torch.zeros(())
         params["user.factors0"] = torch.zeros(d)
+        if config.engagement_factors:
+            params.update(init_engagement_params(config, schema, stats))
         if config.prior == "user_attributes":
             for f in schema.user_fields:
                 params[f"user.attr_bias.{f.name}"] = torch.zeros(f.num_codes)
@@ -183,7 +203,7 @@ def init_params(config: ModelConfig, schema: FeatureSchema, stats: DataStats, se
 
 def frozen_names(config: ModelConfig, params: Params) -> tuple[str, ...]:
     """Parameters the outer loop never trains: data-derived bases and configured prefixes."""
-    fixed = {"item.base_bias"} if config.kind == "bias_factor" else set()
+    fixed = {"item.base_bias", ENGAGEMENT_GRAM} if config.kind == "bias_factor" else set()
     return tuple(n for n in params if n in fixed or (config.frozen and n.startswith(config.frozen)))
 
 
@@ -327,6 +347,72 @@ def predict(
     return params["mu"] + h.squeeze(-1)
 
 
+ENGAGEMENT_USER = "eng.user"  # the per-user engagement factors the inner loop adapts
+ENGAGEMENT_GRAM = "eng.gram"  # (e, e) mean outer product of the catalog's engagement factors
+
+
+def init_engagement_params(config: ModelConfig, schema: FeatureSchema, stats: DataStats) -> Params:
+    """The engagement head's parameters: one [bias | factors] table per item field.
+
+    The id table starts at stats.engagement_start (log-popularity and a truncated SVD of
+    the training interactions) when given; attribute tables start at zero.
+    """
+    e = config.engagement_factors
+    params: Params = {}
+    id_field = schema.item_id_field
+    if config.use_item_id and id_field is not None:
+        table = torch.zeros(id_field.num_codes, 1 + e)
+        if stats.engagement_start is not None:
+            if stats.engagement_start.shape != table.shape:
+                raise ValueError(f"engagement_start must be {tuple(table.shape)}, got {tuple(stats.engagement_start.shape)}")
+            table = stats.engagement_start.float().clone()
+        params["eng.item.id"] = table
+    for f in _attribute_fields(schema):
+        params[f"eng.item.attr.{f.name}"] = torch.zeros(f.num_codes, 1 + e)
+    params["eng.log_scale"] = torch.zeros(())  # weight of the personal part against popularity
+    params["eng.user0"] = torch.zeros(e)
+    return params
+
+
+def item_engagement(config: ModelConfig, schema: FeatureSchema, params: Params, items: Tensor) -> tuple[Tensor, Tensor]:
+    """(c, p): each item's engagement bias (...,) and factors (..., e), from its codes."""
+    terms: list[Tensor] = []
+    for f in schema.item_fields:
+        codes = _slots(items, f)
+        if f.name == ITEM_ID_FIELD:
+            if config.use_item_id:
+                terms.append(torch.nn.functional.embedding(codes.squeeze(-1), _without_padding_row(params["eng.item.id"])))
+        else:
+            terms.append(_pool(params[f"eng.item.attr.{f.name}"], codes))
+    total = _total(terms)  # (..., 1 + e)
+    return total[..., 0], total[..., 1:]
+
+
+def engagement_gram(factors: Tensor) -> Tensor:
+    """(n, e) catalog engagement factors -> (e, e) mean outer product: the part of the
+    inner loop's implicit loss that covers every catalog item, precomputed once."""
+    return factors.transpose(0, 1) @ factors / max(factors.shape[0], 1)
+
+
+def with_engagement_gram(config: ModelConfig, schema: FeatureSchema, params: Params, catalog_items: Tensor) -> Params:
+    """params plus ENGAGEMENT_GRAM over the ranked catalog (encoded rows (n, W)); a no-op
+    for a model without the engagement head. Differentiable: training recomputes it per step."""
+    if not config.engagement_factors:
+        return params
+    _, p = item_engagement(config, schema, params, catalog_items)
+    return {**params, ENGAGEMENT_GRAM: engagement_gram(p)}
+
+
+def engagement_scores(params: Params, c: Tensor, p: Tensor, phi: Tensor) -> Tensor:
+    """Engagement logits c + exp(log_scale) * p . phi.
+
+    One user: (n,), (n, e), phi (e,) -> (n,). A batch against shared items (the catalog):
+    (n,), (n, e), phi (B, e) -> (B, n).
+    """
+    personal = p @ phi if phi.dim() == 1 else phi @ p.transpose(0, 1)
+    return c + torch.exp(params["eng.log_scale"]) * personal
+
+
 def regulariser(config: ModelConfig, params: Params, interactions: int) -> Tensor:
     """L2 on the item side, scaled per training interaction (a MAP prior on the full data)."""
     scale = 1.0 / max(interactions, 1)
@@ -336,6 +422,8 @@ def regulariser(config: ModelConfig, params: Params, interactions: int) -> Tenso
             total = total + config.id_l2 * scale * (value * value).sum()
         elif name.startswith(("item.attr_", "emb.", "user.attr_")):
             total = total + config.attribute_l2 * scale * (value * value).sum()
+        elif name.startswith("eng.item."):
+            total = total + config.engagement_l2 * scale * (value * value).sum()
     return total
 
 

@@ -44,7 +44,7 @@ class JobConfig:
     @staticmethod
     def default(learner: str = "warmstart", kind: str = "bias_factor", inner_steps: int = 5, **train) -> "JobConfig":
         return JobConfig(
-            model=M.ModelConfig(kind=kind),  # type: ignore[arg-type]
+            model=M.served_config(kind=kind) if kind == "bias_factor" else M.ModelConfig(kind=kind),  # type: ignore[arg-type]
             learner=learner,
             inner=learner_config(learner, steps=inner_steps),
             train=TrainConfig(**train),
@@ -170,6 +170,8 @@ def train_and_export(
         "train": config.train.to_dict(),
         "meta_steps": result.steps_done,
         "best_validation_loss": info.best_validation_loss,
+        "engagement_meta_steps": result.engagement_steps,
+        "engagement_validation_recall_at_20": None if result.engagement_recall is None else round(result.engagement_recall, 6),
         "training_wall_time_s": round(result.wall_time_s, 3),
         "validation": [
             json_format.MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
@@ -212,23 +214,27 @@ def export_checkpoint(
     """
     from training.batching import EncodedCatalog
     from training.features import FeatureSchema
-    from training.trainer import AdaptedModel, read_checkpoint
+    from training.trainer import AdaptedModel, MetaTrainer, ranked_catalog_rows, read_checkpoint
     from training.dataset import LabelSpec
 
     if not (checkpoint_dir / "checkpoint.json").exists():
         raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint.json (is this a training run's checkpoint directory?)")
+    model_config = M.ModelConfig.from_dict(json.loads((checkpoint_dir / "checkpoint.json").read_text())["model_config"])
+    if model_config.engagement_factors:
+        # The engagement phase starts from the rating phase's result and carries every parameter.
+        if not (checkpoint_dir / "engagement" / "checkpoint.json").exists():
+            raise FileNotFoundError(f"{checkpoint_dir}: the engagement phase has no checkpoint yet (rerun train to finish it)")
+        checkpoint_dir = checkpoint_dir / "engagement"
     meta, params = read_checkpoint(checkpoint_dir)
     label = LabelSpec(**meta["label"])
     if label != dataset.label:
         raise ValueError(f"checkpoint labels are {label}, the dataset's are {dataset.label}")
     schema = FeatureSchema.from_dict(meta["schema"])
-    adapted = AdaptedModel(
-        M.ModelConfig.from_dict(meta["model_config"]),
-        InnerLoopConfig.from_dict(meta["inner_config"]),
-        schema,
-        label,
-        params,
-    )
+    catalog = EncodedCatalog(schema, dataset)
+    if model_config.engagement_factors:
+        with torch.no_grad():
+            params = MetaTrainer.ranked_gram(model_config, schema, params, catalog, ranked_catalog_rows(catalog, schema))
+    adapted = AdaptedModel(model_config, InnerLoopConfig.from_dict(meta["inner_config"]), schema, label, params)
     info = pb.TrainingInfo(
         dataset=dataset.name,
         meta_steps=meta["step"],
@@ -238,7 +244,7 @@ def export_checkpoint(
     )
     return export_artifact(
         adapted,
-        EncodedCatalog(schema, dataset),
+        catalog,
         repository,
         model_name,
         version=version,

@@ -20,9 +20,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,8 +33,11 @@ from training.batching import EncodedCatalog, EpisodeConfig, EpisodeSampler, tas
 from training.dataset import LabelSpec
 from training.features import FeatureSchema
 from training.inner_loop import (
+    CATALOG_WEIGHT,
     InnerLoopConfig,
     adapt_and_score,
+    adapt_engagement,
+    engagement_weights,
     init_inner_params,
     support_loss_terms,
     to_label_units,
@@ -61,6 +64,11 @@ class TrainConfig:
     seed: int = 0
     validation_support_sizes: tuple[int | None, ...] = (1, 5, 10, 20, None)
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
+    # What the outer loop trains: the rating head on query ratings ("rating"), or the
+    # engagement head on a listwise loss over the catalog ("engagement": softmax of the
+    # user's later items against every catalog item not in the support; validated by
+    # Recall@ENGAGEMENT_CUTOFF over the catalog).
+    objective: Literal["rating", "engagement"] = "rating"
 
     def __post_init__(self) -> None:
         if self.meta_steps < 0 or self.meta_batch_size < 1:
@@ -69,6 +77,8 @@ class TrainConfig:
             raise ValueError("outer_lr must be positive")
         if self.eval_every < 1 or self.patience < 0 or self.checkpoint_every < 0:
             raise ValueError("eval_every must be >= 1, patience and checkpoint_every >= 0")
+        if self.objective not in ("rating", "engagement"):
+            raise ValueError(f"objective must be 'rating' or 'engagement', got {self.objective!r}")
         object.__setattr__(self, "validation_support_sizes", tuple(self.validation_support_sizes))
 
     def to_dict(self) -> dict:
@@ -86,6 +96,17 @@ def loss_kind_of(label: LabelSpec) -> str:
     return "logistic" if label.kind == "click" else "squared"
 
 
+ENGAGEMENT_CUTOFF = 20  # the list length the engagement head is validated at (Recall@20)
+ENGAGEMENT_VALIDATION_SIZES = (0, 1, 3, 5, 10, 20)  # support sizes of its validation
+
+
+def engaged_rows(catalog: EncodedCatalog, items: Sequence[str], labels: np.ndarray, label: LabelSpec) -> np.ndarray:
+    """Catalog rows of the items that count as engagement (every interaction; for clicks,
+    the positive ones), in the given order."""
+    keep = np.ones(len(items), bool) if label.kind != "click" else np.asarray(labels) > 0.5
+    return catalog.rows([i for i, k in zip(items, keep) if k])
+
+
 @dataclass
 class AdaptedModel:
     """A trained model with its inner loop: what evaluation and export use."""
@@ -96,23 +117,71 @@ class AdaptedModel:
     label: LabelSpec
     params: M.Params
 
-    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(query scores in label units, support loss before, after) for a Batch."""
+    def forward(self, batch) -> tuple[torch.Tensor, ...]:
+        """(query scores in label units, support loss before, after) for a Batch, plus the
+        query items' engagement logits when the model has the engagement head."""
         out = adapt_and_score(
             self.model_config, self.inner_config, self.schema, self.params, batch, loss_kind_of(self.label)
         )
         scores = to_label_units(out.query_scores, loss_kind_of(self.label), self.label.min_value, self.label.max_value)
-        return scores, out.support_loss_before, out.support_loss_after
+        if out.query_engagement is None:
+            return scores, out.support_loss_before, out.support_loss_after
+        return scores, out.support_loss_before, out.support_loss_after, out.query_engagement
+
+    @torch.no_grad()
+    def score_catalog(self, catalog: EncodedCatalog, tasks: Sequence[Task], rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(len(tasks), len(rows)) engagement logits of the catalog rows `rows` for each task's
+        user, adapted to the task's support: what Recommend ranks by."""
+        if not self.model_config.engagement_factors:
+            raise ValueError("this model has no engagement head (engagement_factors = 0)")
+        items = catalog.codes[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+        c, p = M.item_engagement(self.model_config, self.schema, self.params, items)
+        out = np.empty((len(tasks), len(rows)), dtype=np.float32)
+        for start, (chunk, batch) in zip(range(0, len(tasks), batch_size), task_batches(catalog, tasks, batch_size)):
+            _, support_p = M.item_engagement(self.model_config, self.schema, self.params, batch.support_items)
+            weights = engagement_weights(loss_kind_of(self.label), batch.support_labels, batch.support_mask)
+            phi = adapt_engagement(self.model_config, self.inner_config, self.params, support_p, weights)
+            out[start : start + len(chunk)] = M.engagement_scores(self.params, c, p, phi).numpy()
+        return out
 
     @torch.no_grad()
     def predict(self, catalog: EncodedCatalog, tasks: Sequence[Task], batch_size: int = 256) -> list[np.ndarray]:
         """Query predictions (label units) for each task, adapting to its support set."""
         out: list[np.ndarray] = []
         for chunk, batch in task_batches(catalog, tasks, batch_size):
-            scores, _, _ = self.forward(batch)
-            scores = scores.numpy().astype(np.float64)
+            scores = self.forward(batch)[0].numpy().astype(np.float64)
             out.extend(scores[i, : len(t.query_items)] for i, t in enumerate(chunk))
         return out
+
+
+def catalog_recall(
+    adapted: AdaptedModel, catalog: EncodedCatalog, rows: np.ndarray, tasks: Sequence[Task], sizes: Sequence[int], cutoff: int = ENGAGEMENT_CUTOFF
+) -> float:
+    """Mean Recall@cutoff over the catalog rows `rows` (support excluded) of each task's
+    later engaged items, over users and support sizes; a task is its user's whole history
+    (support + query, in time order). Users with nothing later at a size are left out."""
+    from training.metrics import recall_at_n
+
+    position = {int(r): j for j, r in enumerate(rows)}
+    values = []
+    for k in sizes:
+        cut = []
+        for t in tasks:
+            items = np.concatenate([t.support_items, t.query_items])
+            labels = np.concatenate([t.support_labels, t.query_labels])
+            later = [position[r] for r in engaged_rows(catalog, items[k:], labels[k:], adapted.label).tolist() if r in position]
+            if later:
+                cut.append((Task(t.user, items[:k], labels[:k], items[k:], labels[k:]), later))
+        if not cut:
+            continue
+        scores = adapted.score_catalog(catalog, [c[0] for c in cut], rows)
+        for (task, later), row in zip(cut, scores):
+            seen = [position[r] for r in catalog.rows(task.support_items).tolist() if r in position]
+            row[seen] = -np.inf
+            top = np.argpartition(-row, min(cutoff, len(row) - 1))[:cutoff]
+            top = top[np.argsort(-row[top], kind="stable")]
+            values.append(recall_at_n(top, later, cutoff))
+    return float(np.mean(values)) if values else 0.0
 
 
 def validation_loss(adapted: AdaptedModel, catalog: EncodedCatalog, tasks: Sequence[Task], sizes) -> float:
@@ -138,6 +207,8 @@ class TrainResult:
     steps_done: int
     wall_time_s: float
     history: list[dict]
+    engagement_recall: float | None = None  # best validation Recall@20 of the engagement head, if trained
+    engagement_steps: int = 0  # meta-steps of the engagement phase (steps_done counts the rating phase)
 
 
 class MetaTrainer:
@@ -159,6 +230,7 @@ class MetaTrainer:
         progress: bool = False,
         fingerprint: str = "",
         sources: Sequence[tuple[EpisodeSampler, M.Params]] = (),
+        ranked_rows: np.ndarray | None = None,
     ) -> None:
         if not valid_tasks and train_config.patience > 0:
             raise ValueError("early stopping needs validation tasks (or patience=0)")
@@ -183,6 +255,21 @@ class MetaTrainer:
         frozen = set(M.frozen_names(model_config, self.params))
         inner = set(trainable_inner_names(inner_config, self.params))
         self.trainable = [n for n in self.params if n not in frozen and (not n.startswith("inner.") or n in inner)]
+        # The engagement objective trains the engagement head alone; the rating objective
+        # leaves it where it is.
+        self.trainable = [n for n in self.trainable if _is_engagement(n) == (train_config.objective == "engagement")]
+        # The catalog the engagement head ranks (rows of catalog.codes): by default every
+        # item with a known id. Items without one share the out-of-vocabulary row, and as
+        # never-engaged negatives would only teach it to rank new items last.
+        if ranked_rows is None:
+            ranked_rows = ranked_catalog_rows(catalog, schema)
+        self.ranked_rows = np.asarray(ranked_rows, dtype=np.int64)
+        self.ranked_codes = catalog.codes[torch.from_numpy(self.ranked_rows)]
+        position = torch.full((catalog.codes.shape[0],), -1, dtype=torch.int64)
+        position[torch.from_numpy(self.ranked_rows)] = torch.arange(len(self.ranked_rows))
+        self.ranked_position = position  # catalog row -> index in ranked_rows, -1 if not ranked
+        if train_config.objective == "engagement" and not model_config.engagement_factors:
+            raise ValueError("the engagement objective needs a model with engagement_factors > 0")
         for name in self.trainable:
             self.params[name].requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.params[n] for n in self.trainable], lr=train_config.outer_lr)
@@ -199,15 +286,53 @@ class MetaTrainer:
     def meta_loss(self, batch, query_labels: torch.Tensor, query_mask: torch.Tensor, item_params: M.Params | None = None) -> torch.Tensor:
         """Mean over users of the mean query loss, plus the item-side L2."""
         params = {**self.params, **item_params} if item_params else self.params
-        out = adapt_and_score(self.model_config, self.inner_config, self.schema, params, batch, loss_kind_of(self.label))
+        rating_model = replace(self.model_config, engagement_factors=0)  # the engagement head is trained apart
+        out = adapt_and_score(rating_model, self.inner_config, self.schema, params, batch, loss_kind_of(self.label))
         per_entry = support_loss_terms(loss_kind_of(self.label), out.query_scores, query_labels) * query_mask
         per_user = per_entry.sum(1) / query_mask.sum(1).clamp(min=1.0)
         return per_user.mean() + M.regulariser(self.model_config, self.params, self.interactions)
 
+    def with_gram(self, params: M.Params) -> M.Params:
+        """params plus the engagement head's catalog Gram matrix over the ranked catalog."""
+        return M.with_engagement_gram(self.model_config, self.schema, params, self.ranked_codes)
+
+    @staticmethod
+    def ranked_gram(config: M.ModelConfig, schema: FeatureSchema, params: M.Params, catalog: EncodedCatalog, rows: np.ndarray) -> M.Params:
+        """with_gram for a catalog and ranked rows outside a trainer."""
+        return M.with_engagement_gram(config, schema, params, catalog.codes[torch.from_numpy(np.asarray(rows, dtype=np.int64))])
+
+    def engagement_loss(self, episode) -> torch.Tensor:
+        """Mean over users of the listwise loss of their later items: -log softmax over every
+        ranked catalog item not in their support, averaged over the later engaged items."""
+        params = self.with_gram(self.params)
+        batch = episode.batch
+        _, support_p = M.item_engagement(self.model_config, self.schema, params, batch.support_items)
+        weights = engagement_weights(loss_kind_of(self.label), batch.support_labels, batch.support_mask)
+        phi = adapt_engagement(self.model_config, self.inner_config, params, support_p, weights)  # (B, e)
+        c, p = M.item_engagement(self.model_config, self.schema, params, self.ranked_codes)  # (N,), (N, e)
+        logits = M.engagement_scores(params, c, p, phi)  # (B, N)
+        support_pos = self.ranked_position[episode.support_rows]  # (B, S), -1 = padding / unranked
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        rows = torch.arange(logits.shape[0]).unsqueeze(1).expand_as(support_pos)
+        valid = (support_pos >= 0) & (weights > 0)
+        seen[rows[valid], support_pos[valid]] = True
+        log_p = torch.log_softmax(logits.masked_fill(seen, -torch.inf), dim=1)
+        query_pos = self.ranked_position[episode.query_rows]  # (B, Q)
+        engaged = engagement_weights(loss_kind_of(self.label), episode.query_labels, episode.query_mask) * (query_pos >= 0)
+        picked = torch.gather(log_p, 1, query_pos.clamp(min=0))  # (B, Q)
+        picked = torch.where(engaged > 0, picked, torch.zeros_like(picked))  # a support item again: -inf, not counted
+        per_user = -(picked * engaged).sum(1) / engaged.sum(1).clamp(min=1.0)
+        has_query = (engaged.sum(1) > 0).float()
+        loss = (per_user * has_query).sum() / has_query.sum().clamp(min=1.0)
+        return loss + M.regulariser(self.model_config, {k: v for k, v in self.params.items() if _is_engagement(k) or k == "mu"}, self.interactions)
+
     def train_step(self) -> float:
         sampler, item_params = self.sources[self.step % len(self.sources)] if self.sources else (self.sampler, None)
-        batch, labels, mask = sampler.sample(self.rng, self.config.meta_batch_size)
-        loss = self.meta_loss(batch, labels, mask, item_params)
+        if self.config.objective == "engagement":
+            loss = self.engagement_loss(self.sampler.sample_episode(self.rng, self.config.meta_batch_size))
+        else:
+            batch, labels, mask = sampler.sample(self.rng, self.config.meta_batch_size)
+            loss = self.meta_loss(batch, labels, mask, item_params)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"meta-loss is {loss.item()} at step {self.step}: lower outer_lr or inner steps")
         self.optimizer.zero_grad(set_to_none=True)
@@ -219,10 +344,14 @@ class MetaTrainer:
         return float(loss.detach())
 
     def adapted(self, params: M.Params | None = None) -> AdaptedModel:
-        params = {k: v.detach() for k, v in (params or self.params).items()}
+        with torch.no_grad():
+            params = self.with_gram({k: v.detach() for k, v in (params or self.params).items()})
         return AdaptedModel(self.model_config, self.inner_config, self.schema, self.label, params)
 
     def evaluate(self) -> float:
+        """The validation loss early stopping watches (lower is better)."""
+        if self.config.objective == "engagement":
+            return -catalog_recall(self.adapted(), self.catalog, self.ranked_rows, self.valid_tasks, ENGAGEMENT_VALIDATION_SIZES)
         return validation_loss(self.adapted(), self.catalog, self.valid_tasks, self.config.validation_support_sizes)
 
     # -- the run -------------------------------------------------------------------------
@@ -258,7 +387,7 @@ class MetaTrainer:
         if self.checkpoint_dir is not None:
             self.save_checkpoint(self.checkpoint_dir)
         return TrainResult(
-            params={k: v.detach().clone() for k, v in self.best_params.items()},
+            params=self.adapted(self.best_params).params,
             best_validation_loss=self.best_loss,
             steps_done=self.step,
             wall_time_s=self.elapsed_s,
@@ -363,6 +492,19 @@ class MetaTrainer:
         self.stopped = meta["stopped"]
         self.elapsed_s = meta["elapsed_s"]
         self.history = meta["history"]
+
+
+def ranked_catalog_rows(catalog: EncodedCatalog, schema: FeatureSchema) -> np.ndarray:
+    """The catalog rows the engagement head is trained to rank: every item with a known id
+    (or every item when the model has no id field)."""
+    if schema.item_id_field is None:
+        return np.arange(len(catalog.item_ids))
+    return catalog.rows([i for i in schema.item_id_field.vocabulary if i in catalog.row_of])
+
+
+def _is_engagement(name: str) -> bool:
+    """Parameters of the engagement head (item side, user start, inner-loop settings)."""
+    return name.startswith("eng.") or name == CATALOG_WEIGHT or name.endswith(f".{M.ENGAGEMENT_USER}")
 
 
 def read_checkpoint(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:

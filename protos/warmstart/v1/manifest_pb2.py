@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bwarmstart/v1/manifest.proto\x12\x0cwarmstart.v1\"\xad\x04\n\x10\x41rtifactManifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x33\n\x0e\x66\x65\x61ture_schema\x18\x05 \x01(\x0b\x32\x1b.warmstart.v1.FeatureSchema\x12&\n\x05label\x18\x06 \x01(\x0b\x32\x17.warmstart.v1.LabelSpec\x12&\n\x05model\x18\x07 \x01(\x0b\x32\x17.warmstart.v1.ModelSpec\x12/\n\ninner_loop\x18\x08 \x01(\x0b\x32\x1b.warmstart.v1.InnerLoopSpec\x12&\n\x05graph\x18\t \x01(\x0b\x32\x17.warmstart.v1.GraphSpec\x12&\n\x07\x63\x61talog\x18\n \x01(\x0b\x32\x15.warmstart.v1.Catalog\x12\x33\n\nevaluation\x18\x0b \x01(\x0b\x32\x1f.warmstart.v1.EvaluationSummary\x12,\n\x08training\x18\x0c \x01(\x0b\x32\x1a.warmstart.v1.TrainingInfo\x12\'\n\x05\x66iles\x18\r \x03(\x0b\x32\x18.warmstart.v1.FileDigest\x12\x30\n\rexport_checks\x18\x0e \x03(\x0b\x32\x19.warmstart.v1.ExportCheck\"\xb9\x01\n\x0c\x46\x65\x61tureField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04side\x18\x02 \x01(\x0e\x32\x12.warmstart.v1.Side\x12\x14\n\x0cmulti_valued\x18\x03 \x01(\x08\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\r\x12\x12\n\nvocabulary\x18\x06 \x03(\t\x12\x17\n\x0fvocabulary_file\x18\x07 \x01(\t\x12\x17\n\x0fvocabulary_size\x18\x08 \x01(\r\"\x99\x01\n\rFeatureSchema\x12*\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x1a.warmstart.v1.FeatureField\x12\x12\n\nuser_width\x18\x02 \x01(\r\x12\x12\n\nitem_width\x18\x03 \x01(\r\x12\x15\n\ritem_id_field\x18\x04 \x01(\t\x12\x1d\n\x15multi_value_separator\x18\x05 \x01(\t\"X\n\tLabelSpec\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.warmstart.v1.LabelKind\x12\x11\n\tmin_value\x18\x02 \x01(\x01\x12\x11\n\tmax_value\x18\x03 \x01(\x01\"\xde\x01\n\tModelSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07learner\x18\x02 \x01(\t\x12\x45\n\x0fhyperparameters\x18\x03 \x03(\x0b\x32,.warmstart.v1.ModelSpec.HyperparametersEntry\x12\x1a\n\x12\x61\x64\x61pted_parameters\x18\x04 \x03(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc4\x01\n\rInnerLoopSpec\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x1a\n\x12learning_rate_kind\x18\x02 \x01(\t\x12\x1d\n\x15learning_rate_tensors\x18\x03 \x03(\t\x12!\n\x19normalise_by_support_size\x18\x04 \x01(\x08\x12\x12\n\nprior_pull\x18\x05 \x01(\x08\x12\x15\n\rmax_step_norm\x18\x06 \x01(\x01\x12\x1b\n\x13max_support_trained\x18\x07 \x01(\r\".\n\x03\x44im\x12\x0e\n\x04size\x18\x01 \x01(\x04H\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x42\x07\n\x05value\"u\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.warmstart.v1.DType\x12 \n\x05shape\x18\x03 \x03(\x0b\x32\x11.warmstart.v1.Dim\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\xa2\x01\n\tGraphSpec\x12\x11\n\tonnx_file\x18\x01 \x01(\t\x12\x19\n\x11torch_export_file\x18\x02 \x01(\t\x12\x12\n\nonnx_opset\x18\x03 \x01(\r\x12(\n\x06inputs\x18\x04 \x03(\x0b\x32\x18.warmstart.v1.TensorSpec\x12)\n\x07outputs\x18\x05 \x03(\x0b\x32\x18.warmstart.v1.TensorSpec\"@\n\x07\x43\x61talog\x12\x10\n\x08ids_file\x18\x01 \x01(\t\x12\x15\n\rfeatures_file\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x98\x01\n\x0bMetricValue\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x14\n\x0csupport_size\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x06 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x07 \x01(\x01\x12\x11\n\treference\x18\x08 \x01(\t\"b\n\x11\x45valuationSummary\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12*\n\x07metrics\x18\x03 \x03(\x0b\x32\x19.warmstart.v1.MetricValue\"\xc3\x01\n\x0cTrainingInfo\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x1b\n\x13\x64\x61taset_fingerprint\x18\x02 \x01(\t\x12\x12\n\nmeta_steps\x18\x03 \x01(\x04\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0bwall_time_s\x18\x05 \x01(\x01\x12\x15\n\rtorch_version\x18\x06 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x07 \x01(\t\x12\x1c\n\x14\x62\x65st_validation_loss\x18\x08 \x01(\x01\">\n\nFileDigest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"Z\n\x0b\x45xportCheck\x12\r\n\x05shape\x18\x01 \x01(\t\x12\x19\n\x11max_abs_diff_onnx\x18\x02 \x01(\x01\x12!\n\x19max_abs_diff_torch_export\x18\x03 \x01(\x01*I\n\x0eManifestSchema\x12\x1f\n\x1bMANIFEST_SCHEMA_UNSPECIFIED\x10\x00\x12\x16\n\x12MANIFEST_SCHEMA_V1\x10\x01*0\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x08\n\x04USER\x10\x01\x12\x08\n\x04ITEM\x10\x02*>\n\tLabelKind\x12\x1a\n\x16LABEL_KIND_UNSPECIFIED\x10\x00\x12\n\n\x06RATING\x10\x01\x12\t\n\x05\x43LICK\x10\x02*6\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05INT64\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bwarmstart/v1/manifest.proto\x12\x0cwarmstart.v1\"\xad\x04\n\x10\x41rtifactManifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\t\x12\x33\n\x0e\x66\x65\x61ture_schema\x18\x05 \x01(\x0b\x32\x1b.warmstart.v1.FeatureSchema\x12&\n\x05label\x18\x06 \x01(\x0b\x32\x17.warmstart.v1.LabelSpec\x12&\n\x05model\x18\x07 \x01(\x0b\x32\x17.warmstart.v1.ModelSpec\x12/\n\ninner_loop\x18\x08 \x01(\x0b\x32\x1b.warmstart.v1.InnerLoopSpec\x12&\n\x05graph\x18\t \x01(\x0b\x32\x17.warmstart.v1.GraphSpec\x12&\n\x07\x63\x61talog\x18\n \x01(\x0b\x32\x15.warmstart.v1.Catalog\x12\x33\n\nevaluation\x18\x0b \x01(\x0b\x32\x1f.warmstart.v1.EvaluationSummary\x12,\n\x08training\x18\x0c \x01(\x0b\x32\x1a.warmstart.v1.TrainingInfo\x12\'\n\x05\x66iles\x18\r \x03(\x0b\x32\x18.warmstart.v1.FileDigest\x12\x30\n\rexport_checks\x18\x0e \x03(\x0b\x32\x19.warmstart.v1.ExportCheck\"\xb9\x01\n\x0c\x46\x65\x61tureField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04side\x18\x02 \x01(\x0e\x32\x12.warmstart.v1.Side\x12\x14\n\x0cmulti_valued\x18\x03 \x01(\x08\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\r\x12\x12\n\nvocabulary\x18\x06 \x03(\t\x12\x17\n\x0fvocabulary_file\x18\x07 \x01(\t\x12\x17\n\x0fvocabulary_size\x18\x08 \x01(\r\"\x99\x01\n\rFeatureSchema\x12*\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x1a.warmstart.v1.FeatureField\x12\x12\n\nuser_width\x18\x02 \x01(\r\x12\x12\n\nitem_width\x18\x03 \x01(\r\x12\x15\n\ritem_id_field\x18\x04 \x01(\t\x12\x1d\n\x15multi_value_separator\x18\x05 \x01(\t\"X\n\tLabelSpec\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.warmstart.v1.LabelKind\x12\x11\n\tmin_value\x18\x02 \x01(\x01\x12\x11\n\tmax_value\x18\x03 \x01(\x01\"\xde\x01\n\tModelSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07learner\x18\x02 \x01(\t\x12\x45\n\x0fhyperparameters\x18\x03 \x03(\x0b\x32,.warmstart.v1.ModelSpec.HyperparametersEntry\x12\x1a\n\x12\x61\x64\x61pted_parameters\x18\x04 \x03(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x04\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd7\x01\n\rInnerLoopSpec\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x1a\n\x12learning_rate_kind\x18\x02 \x01(\t\x12\x1d\n\x15learning_rate_tensors\x18\x03 \x03(\t\x12!\n\x19normalise_by_support_size\x18\x04 \x01(\x08\x12\x12\n\nprior_pull\x18\x05 \x01(\x08\x12\x15\n\rmax_step_norm\x18\x06 \x01(\x01\x12\x1b\n\x13max_support_trained\x18\x07 \x01(\r\x12\x11\n\tkeep_best\x18\x08 \x01(\x08\".\n\x03\x44im\x12\x0e\n\x04size\x18\x01 \x01(\x04H\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x42\x07\n\x05value\"u\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.warmstart.v1.DType\x12 \n\x05shape\x18\x03 \x03(\x0b\x32\x11.warmstart.v1.Dim\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\xa2\x01\n\tGraphSpec\x12\x11\n\tonnx_file\x18\x01 \x01(\t\x12\x19\n\x11torch_export_file\x18\x02 \x01(\t\x12\x12\n\nonnx_opset\x18\x03 \x01(\r\x12(\n\x06inputs\x18\x04 \x03(\x0b\x32\x18.warmstart.v1.TensorSpec\x12)\n\x07outputs\x18\x05 \x03(\x0b\x32\x18.warmstart.v1.TensorSpec\"@\n\x07\x43\x61talog\x12\x10\n\x08ids_file\x18\x01 \x01(\t\x12\x15\n\rfeatures_file\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x98\x01\n\x0bMetricValue\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x14\n\x0csupport_size\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x06 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x07 \x01(\x01\x12\x11\n\treference\x18\x08 \x01(\t\"b\n\x11\x45valuationSummary\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12*\n\x07metrics\x18\x03 \x03(\x0b\x32\x19.warmstart.v1.MetricValue\"\xc3\x01\n\x0cTrainingInfo\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x1b\n\x13\x64\x61taset_fingerprint\x18\x02 \x01(\t\x12\x12\n\nmeta_steps\x18\x03 \x01(\x04\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0bwall_time_s\x18\x05 \x01(\x01\x12\x15\n\rtorch_version\x18\x06 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x07 \x01(\t\x12\x1c\n\x14\x62\x65st_validation_loss\x18\x08 \x01(\x01\">\n\nFileDigest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"Z\n\x0b\x45xportCheck\x12\r\n\x05shape\x18\x01 \x01(\t\x12\x19\n\x11max_abs_diff_onnx\x18\x02 \x01(\x01\x12!\n\x19max_abs_diff_torch_export\x18\x03 \x01(\x01*I\n\x0eManifestSchema\x12\x1f\n\x1bMANIFEST_SCHEMA_UNSPECIFIED\x10\x00\x12\x16\n\x12MANIFEST_SCHEMA_V1\x10\x01*0\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x08\n\x04USER\x10\x01\x12\x08\n\x04ITEM\x10\x02*>\n\tLabelKind\x12\x1a\n\x16LABEL_KIND_UNSPECIFIED\x10\x00\x12\n\n\x06RATING\x10\x01\x12\t\n\x05\x43LICK\x10\x02*6\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05INT64\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELSPEC_HYPERPARAMETERSENTRY']._loaded_options = None
   _globals['_MODELSPEC_HYPERPARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_MANIFESTSCHEMA']._serialized_start=2470
-  _globals['_MANIFESTSCHEMA']._serialized_end=2543
-  _globals['_SIDE']._serialized_start=2545
-  _globals['_SIDE']._serialized_end=2593
-  _globals['_LABELKIND']._serialized_start=2595
-  _globals['_LABELKIND']._serialized_end=2657
-  _globals['_DTYPE']._serialized_start=2659
-  _globals['_DTYPE']._serialized_end=2713
+  _globals['_MANIFESTSCHEMA']._serialized_start=2489
+  _globals['_MANIFESTSCHEMA']._serialized_end=2562
+  _globals['_SIDE']._serialized_start=2564
+  _globals['_SIDE']._serialized_end=2612
+  _globals['_LABELKIND']._serialized_start=2614
+  _globals['_LABELKIND']._serialized_end=2676
+  _globals['_DTYPE']._serialized_start=2678
+  _globals['_DTYPE']._serialized_end=2732
   _globals['_ARTIFACTMANIFEST']._serialized_start=46
   _globals['_ARTIFACTMANIFEST']._serialized_end=603
   _globals['_FEATUREFIELD']._serialized_start=606
@@ -54,23 +54,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSPEC_HYPERPARAMETERSENTRY']._serialized_start=1208
   _globals['_MODELSPEC_HYPERPARAMETERSENTRY']._serialized_end=1262
   _globals['_INNERLOOPSPEC']._serialized_start=1265
-  _globals['_INNERLOOPSPEC']._serialized_end=1461
-  _globals['_DIM']._serialized_start=1463
-  _globals['_DIM']._serialized_end=1509
-  _globals['_TENSORSPEC']._serialized_start=1511
-  _globals['_TENSORSPEC']._serialized_end=1628
-  _globals['_GRAPHSPEC']._serialized_start=1631
-  _globals['_GRAPHSPEC']._serialized_end=1793
-  _globals['_CATALOG']._serialized_start=1795
-  _globals['_CATALOG']._serialized_end=1859
-  _globals['_METRICVALUE']._serialized_start=1862
-  _globals['_METRICVALUE']._serialized_end=2014
-  _globals['_EVALUATIONSUMMARY']._serialized_start=2016
-  _globals['_EVALUATIONSUMMARY']._serialized_end=2114
-  _globals['_TRAININGINFO']._serialized_start=2117
-  _globals['_TRAININGINFO']._serialized_end=2312
-  _globals['_FILEDIGEST']._serialized_start=2314
-  _globals['_FILEDIGEST']._serialized_end=2376
-  _globals['_EXPORTCHECK']._serialized_start=2378
-  _globals['_EXPORTCHECK']._serialized_end=2468
+  _globals['_INNERLOOPSPEC']._serialized_end=1480
+  _globals['_DIM']._serialized_start=1482
+  _globals['_DIM']._serialized_end=1528
+  _globals['_TENSORSPEC']._serialized_start=1530
+  _globals['_TENSORSPEC']._serialized_end=1647
+  _globals['_GRAPHSPEC']._serialized_start=1650
+  _globals['_GRAPHSPEC']._serialized_end=1812
+  _globals['_CATALOG']._serialized_start=1814
+  _globals['_CATALOG']._serialized_end=1878
+  _globals['_METRICVALUE']._serialized_start=1881
+  _globals['_METRICVALUE']._serialized_end=2033
+  _globals['_EVALUATIONSUMMARY']._serialized_start=2035
+  _globals['_EVALUATIONSUMMARY']._serialized_end=2133
+  _globals['_TRAININGINFO']._serialized_start=2136
+  _globals['_TRAININGINFO']._serialized_end=2331
+  _globals['_FILEDIGEST']._serialized_start=2333
+  _globals['_FILEDIGEST']._serialized_end=2395
+  _globals['_EXPORTCHECK']._serialized_start=2397
+  _globals['_EXPORTCHECK']._serialized_end=2487
 # @@protoc_insertion_point(module_scope)

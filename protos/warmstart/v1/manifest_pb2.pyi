@@ -139,7 +139,7 @@ class ModelSpec(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., learner: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., adapted_parameters: _Optional[_Iterable[str]] = ..., parameter_count: _Optional[int] = ...) -> None: ...
 
 class InnerLoopSpec(_message.Message):
-    __slots__ = ("steps", "learning_rate_kind", "learning_rate_tensors", "normalise_by_support_size", "prior_pull", "max_step_norm", "max_support_trained")
+    __slots__ = ("steps", "learning_rate_kind", "learning_rate_tensors", "normalise_by_support_size", "prior_pull", "max_step_norm", "max_support_trained", "keep_best")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_KIND_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class InnerLoopSpec(_message.Message):
     PRIOR_PULL_FIELD_NUMBER: _ClassVar[int]
     MAX_STEP_NORM_FIELD_NUMBER: _ClassVar[int]
     MAX_SUPPORT_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    KEEP_BEST_FIELD_NUMBER: _ClassVar[int]
     steps: int
     learning_rate_kind: str
     learning_rate_tensors: _containers.RepeatedScalarFieldContainer[str]
@@ -154,7 +155,8 @@ class InnerLoopSpec(_message.Message):
     prior_pull: bool
     max_step_norm: float
     max_support_trained: int
-    def __init__(self, steps: _Optional[int] = ..., learning_rate_kind: _Optional[str] = ..., learning_rate_tensors: _Optional[_Iterable[str]] = ..., normalise_by_support_size: _Optional[bool] = ..., prior_pull: _Optional[bool] = ..., max_step_norm: _Optional[float] = ..., max_support_trained: _Optional[int] = ...) -> None: ...
+    keep_best: bool
+    def __init__(self, steps: _Optional[int] = ..., learning_rate_kind: _Optional[str] = ..., learning_rate_tensors: _Optional[_Iterable[str]] = ..., normalise_by_support_size: _Optional[bool] = ..., prior_pull: _Optional[bool] = ..., max_step_norm: _Optional[float] = ..., max_support_trained: _Optional[int] = ..., keep_best: _Optional[bool] = ...) -> None: ...
 
 class Dim(_message.Message):
     __slots__ = ("size", "name")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from warmstart.v1 import manifest_pb2 as warmstart_dot_v1_dot_manifest__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ewarmstart/v1/recommender.proto\x12\x0cwarmstart.v1\x1a\x1bwarmstart/v1/manifest.proto\"\xbf\x01\n\x0bInteraction\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\x01\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x46\n\x0fitem_attributes\x18\x04 \x03(\x0b\x32-.warmstart.v1.Interaction.ItemAttributesEntry\x1a\x35\n\x13ItemAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x01\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x44\n\x0fitem_attributes\x18\x02 \x03(\x0b\x32+.warmstart.v1.Candidate.ItemAttributesEntry\x1a\x35\n\x13ItemAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe4\x02\n\x10RecommendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12K\n\x0fuser_attributes\x18\x02 \x03(\x0b\x32\x32.warmstart.v1.RecommendRequest.UserAttributesEntry\x12/\n\x0cinteractions\x18\x03 \x03(\x0b\x32\x19.warmstart.v1.Interaction\x12+\n\ncandidates\x18\x04 \x03(\x0b\x32\x17.warmstart.v1.Candidate\x12\x15\n\rcandidate_ids\x18\x08 \x03(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x1a\n\x12\x65xclude_interacted\x18\x06 \x01(\x08\x12\x18\n\x10\x65xclude_item_ids\x18\x07 \x03(\t\x1a\x35\n\x13UserAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"y\n\x0bUnknownItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.warmstart.v1.ItemRole\x12\x33\n\x08handling\x18\x03 \x01(\x0e\x32!.warmstart.v1.UnknownItemHandling\"\xda\x01\n\x11\x41\x64\x61ptationSummary\x12\x14\n\x0csupport_size\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x61pted\x18\x02 \x01(\x08\x12\x13\n\x0binner_steps\x18\x03 \x01(\r\x12\x1b\n\x13support_loss_before\x18\x04 \x01(\x02\x12\x1a\n\x12support_loss_after\x18\x05 \x01(\x02\x12\x30\n\runknown_items\x18\x06 \x03(\x0b\x32\x19.warmstart.v1.UnknownItem\x12\x1e\n\x16interactions_truncated\x18\x07 \x01(\r\"\xb0\x01\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\'\n\x05items\x18\x04 \x03(\x0b\x32\x18.warmstart.v1.ScoredItem\x12\x33\n\nadaptation\x18\x05 \x01(\x0b\x32\x1f.warmstart.v1.AdaptationSummary\"\x8d\x02\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12G\n\x0fuser_attributes\x18\x02 \x03(\x0b\x32..warmstart.v1.ScoreRequest.UserAttributesEntry\x12/\n\x0cinteractions\x18\x03 \x03(\x0b\x32\x19.warmstart.v1.Interaction\x12&\n\x05items\x18\x04 \x03(\x0b\x32\x17.warmstart.v1.Candidate\x12\x10\n\x08item_ids\x18\x05 \x03(\t\x1a\x35\n\x13UserAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xac\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\'\n\x05items\x18\x04 \x03(\x0b\x32\x18.warmstart.v1.ScoredItem\x12\x33\n\nadaptation\x18\x05 \x01(\x0b\x32\x1f.warmstart.v1.AdaptationSummary\"\x11\n\x0fGetModelRequest\"`\n\tFieldInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmulti_valued\x18\x02 \x01(\x08\x12\x17\n\x0fvocabulary_size\x18\x03 \x01(\r\x12\x16\n\x0e\x65xample_values\x18\x04 \x03(\t\"R\n\x06Limits\x12\x18\n\x10max_interactions\x18\x01 \x01(\r\x12\x16\n\x0emax_candidates\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\"\xd4\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12&\n\x05label\x18\x04 \x01(\x0b\x32\x17.warmstart.v1.LabelSpec\x12,\n\x0buser_fields\x18\x05 \x03(\x0b\x32\x17.warmstart.v1.FieldInfo\x12,\n\x0bitem_fields\x18\x06 \x03(\x0b\x32\x17.warmstart.v1.FieldInfo\x12\x14\n\x0c\x63\x61talog_size\x18\x07 \x01(\x04\x12\x13\n\x0binner_steps\x18\x08 \x01(\r\x12\x12\n\nmodel_kind\x18\t \x01(\t\x12\x0f\n\x07learner\x18\n \x01(\t\x12\x0e\n\x06\x65ngine\x18\x0b \x01(\t\x12$\n\x06limits\x18\x0c \x01(\x0b\x32\x14.warmstart.v1.Limits*Y\n\x13UnknownItemHandling\x12%\n!UNKNOWN_ITEM_HANDLING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45NCODED_FROM_ATTRIBUTES\x10\x01*E\n\x08ItemRole\x12\x19\n\x15ITEM_ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINTERACTION\x10\x01\x12\r\n\tCANDIDATE\x10\x02\x32\xe1\x01\n\x0bRecommender\x12L\n\tRecommend\x12\x1e.warmstart.v1.RecommendRequest\x1a\x1f.warmstart.v1.RecommendResponse\x12@\n\x05Score\x12\x1a.warmstart.v1.ScoreRequest\x1a\x1b.warmstart.v1.ScoreResponse\x12\x42\n\x08GetModel\x12\x1d.warmstart.v1.GetModelRequest\x1a\x17.warmstart.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ewarmstart/v1/recommender.proto\x12\x0cwarmstart.v1\x1a\x1bwarmstart/v1/manifest.proto\"\xbf\x01\n\x0bInteraction\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\x01\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x46\n\x0fitem_attributes\x18\x04 \x03(\x0b\x32-.warmstart.v1.Interaction.ItemAttributesEntry\x1a\x35\n\x13ItemAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x01\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x44\n\x0fitem_attributes\x18\x02 \x03(\x0b\x32+.warmstart.v1.Candidate.ItemAttributesEntry\x1a\x35\n\x13ItemAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8b\x03\n\x10RecommendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12K\n\x0fuser_attributes\x18\x02 \x03(\x0b\x32\x32.warmstart.v1.RecommendRequest.UserAttributesEntry\x12/\n\x0cinteractions\x18\x03 \x03(\x0b\x32\x19.warmstart.v1.Interaction\x12+\n\ncandidates\x18\x04 \x03(\x0b\x32\x17.warmstart.v1.Candidate\x12\x15\n\rcandidate_ids\x18\x08 \x03(\t\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x1a\n\x12\x65xclude_interacted\x18\x06 \x01(\x08\x12\x18\n\x10\x65xclude_item_ids\x18\x07 \x03(\t\x12%\n\x07rank_by\x18\t \x01(\x0e\x32\x14.warmstart.v1.RankBy\x1a\x35\n\x13UserAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\nengagement\x18\x03 \x01(\x02\"y\n\x0bUnknownItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.warmstart.v1.ItemRole\x12\x33\n\x08handling\x18\x03 \x01(\x0e\x32!.warmstart.v1.UnknownItemHandling\"\xda\x01\n\x11\x41\x64\x61ptationSummary\x12\x14\n\x0csupport_size\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x61pted\x18\x02 \x01(\x08\x12\x13\n\x0binner_steps\x18\x03 \x01(\r\x12\x1b\n\x13support_loss_before\x18\x04 \x01(\x02\x12\x1a\n\x12support_loss_after\x18\x05 \x01(\x02\x12\x30\n\runknown_items\x18\x06 \x03(\x0b\x32\x19.warmstart.v1.UnknownItem\x12\x1e\n\x16interactions_truncated\x18\x07 \x01(\r\"\xb0\x01\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\'\n\x05items\x18\x04 \x03(\x0b\x32\x18.warmstart.v1.ScoredItem\x12\x33\n\nadaptation\x18\x05 \x01(\x0b\x32\x1f.warmstart.v1.AdaptationSummary\"\x8d\x02\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12G\n\x0fuser_attributes\x18\x02 \x03(\x0b\x32..warmstart.v1.ScoreRequest.UserAttributesEntry\x12/\n\x0cinteractions\x18\x03 \x03(\x0b\x32\x19.warmstart.v1.Interaction\x12&\n\x05items\x18\x04 \x03(\x0b\x32\x17.warmstart.v1.Candidate\x12\x10\n\x08item_ids\x18\x05 \x03(\t\x1a\x35\n\x13UserAttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xac\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\'\n\x05items\x18\x04 \x03(\x0b\x32\x18.warmstart.v1.ScoredItem\x12\x33\n\nadaptation\x18\x05 \x01(\x0b\x32\x1f.warmstart.v1.AdaptationSummary\"\x11\n\x0fGetModelRequest\"`\n\tFieldInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmulti_valued\x18\x02 \x01(\x08\x12\x17\n\x0fvocabulary_size\x18\x03 \x01(\r\x12\x16\n\x0e\x65xample_values\x18\x04 \x03(\t\"R\n\x06Limits\x12\x18\n\x10max_interactions\x18\x01 \x01(\r\x12\x16\n\x0emax_candidates\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\"\xec\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12&\n\x05label\x18\x04 \x01(\x0b\x32\x17.warmstart.v1.LabelSpec\x12,\n\x0buser_fields\x18\x05 \x03(\x0b\x32\x17.warmstart.v1.FieldInfo\x12,\n\x0bitem_fields\x18\x06 \x03(\x0b\x32\x17.warmstart.v1.FieldInfo\x12\x14\n\x0c\x63\x61talog_size\x18\x07 \x01(\x04\x12\x13\n\x0binner_steps\x18\x08 \x01(\r\x12\x12\n\nmodel_kind\x18\t \x01(\t\x12\x0f\n\x07learner\x18\n \x01(\t\x12\x0e\n\x06\x65ngine\x18\x0b \x01(\t\x12$\n\x06limits\x18\x0c \x01(\x0b\x32\x14.warmstart.v1.Limits\x12\x16\n\x0ehas_engagement\x18\r \x01(\x08*W\n\x06RankBy\x12\x17\n\x13RANK_BY_UNSPECIFIED\x10\x00\x12\x16\n\x12RANK_BY_ENGAGEMENT\x10\x01\x12\x1c\n\x18RANK_BY_PREDICTED_RATING\x10\x02*Y\n\x13UnknownItemHandling\x12%\n!UNKNOWN_ITEM_HANDLING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45NCODED_FROM_ATTRIBUTES\x10\x01*E\n\x08ItemRole\x12\x19\n\x15ITEM_ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINTERACTION\x10\x01\x12\r\n\tCANDIDATE\x10\x02\x32\xe1\x01\n\x0bRecommender\x12L\n\tRecommend\x12\x1e.warmstart.v1.RecommendRequest\x1a\x1f.warmstart.v1.RecommendResponse\x12@\n\x05Score\x12\x1a.warmstart.v1.ScoreRequest\x1a\x1b.warmstart.v1.ScoreResponse\x12\x42\n\x08GetModel\x12\x1d.warmstart.v1.GetModelRequest\x1a\x17.warmstart.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,10 +40,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDREQUEST_USERATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_SCOREREQUEST_USERATTRIBUTESENTRY']._loaded_options = None
   _globals['_SCOREREQUEST_USERATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_UNKNOWNITEMHANDLING']._serialized_start=2346
-  _globals['_UNKNOWNITEMHANDLING']._serialized_end=2435
-  _globals['_ITEMROLE']._serialized_start=2437
-  _globals['_ITEMROLE']._serialized_end=2506
+  _globals['_RANKBY']._serialized_start=2429
+  _globals['_RANKBY']._serialized_end=2516
+  _globals['_UNKNOWNITEMHANDLING']._serialized_start=2518
+  _globals['_UNKNOWNITEMHANDLING']._serialized_end=2607
+  _globals['_ITEMROLE']._serialized_start=2609
+  _globals['_ITEMROLE']._serialized_end=2678
   _globals['_INTERACTION']._serialized_start=78
   _globals['_INTERACTION']._serialized_end=269
   _globals['_INTERACTION_ITEMATTRIBUTESENTRY']._serialized_start=216
@@ -53,31 +55,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANDIDATE_ITEMATTRIBUTESENTRY']._serialized_start=216
   _globals['_CANDIDATE_ITEMATTRIBUTESENTRY']._serialized_end=269
   _globals['_RECOMMENDREQUEST']._serialized_start=428
-  _globals['_RECOMMENDREQUEST']._serialized_end=784
-  _globals['_RECOMMENDREQUEST_USERATTRIBUTESENTRY']._serialized_start=731
-  _globals['_RECOMMENDREQUEST_USERATTRIBUTESENTRY']._serialized_end=784
-  _globals['_SCOREDITEM']._serialized_start=786
-  _globals['_SCOREDITEM']._serialized_end=830
-  _globals['_UNKNOWNITEM']._serialized_start=832
-  _globals['_UNKNOWNITEM']._serialized_end=953
-  _globals['_ADAPTATIONSUMMARY']._serialized_start=956
-  _globals['_ADAPTATIONSUMMARY']._serialized_end=1174
-  _globals['_RECOMMENDRESPONSE']._serialized_start=1177
-  _globals['_RECOMMENDRESPONSE']._serialized_end=1353
-  _globals['_SCOREREQUEST']._serialized_start=1356
-  _globals['_SCOREREQUEST']._serialized_end=1625
-  _globals['_SCOREREQUEST_USERATTRIBUTESENTRY']._serialized_start=731
-  _globals['_SCOREREQUEST_USERATTRIBUTESENTRY']._serialized_end=784
-  _globals['_SCORERESPONSE']._serialized_start=1628
-  _globals['_SCORERESPONSE']._serialized_end=1800
-  _globals['_GETMODELREQUEST']._serialized_start=1802
-  _globals['_GETMODELREQUEST']._serialized_end=1819
-  _globals['_FIELDINFO']._serialized_start=1821
-  _globals['_FIELDINFO']._serialized_end=1917
-  _globals['_LIMITS']._serialized_start=1919
-  _globals['_LIMITS']._serialized_end=2001
-  _globals['_MODELINFO']._serialized_start=2004
-  _globals['_MODELINFO']._serialized_end=2344
-  _globals['_RECOMMENDER']._serialized_start=2509
-  _globals['_RECOMMENDER']._serialized_end=2734
+  _globals['_RECOMMENDREQUEST']._serialized_end=823
+  _globals['_RECOMMENDREQUEST_USERATTRIBUTESENTRY']._serialized_start=770
+  _globals['_RECOMMENDREQUEST_USERATTRIBUTESENTRY']._serialized_end=823
+  _globals['_SCOREDITEM']._serialized_start=825
+  _globals['_SCOREDITEM']._serialized_end=889
+  _globals['_UNKNOWNITEM']._serialized_start=891
+  _globals['_UNKNOWNITEM']._serialized_end=1012
+  _globals['_ADAPTATIONSUMMARY']._serialized_start=1015
+  _globals['_ADAPTATIONSUMMARY']._serialized_end=1233
+  _globals['_RECOMMENDRESPONSE']._serialized_start=1236
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1412
+  _globals['_SCOREREQUEST']._serialized_start=1415
+  _globals['_SCOREREQUEST']._serialized_end=1684
+  _globals['_SCOREREQUEST_USERATTRIBUTESENTRY']._serialized_start=770
+  _globals['_SCOREREQUEST_USERATTRIBUTESENTRY']._serialized_end=823
+  _globals['_SCORERESPONSE']._serialized_start=1687
+  _globals['_SCORERESPONSE']._serialized_end=1859
+  _globals['_GETMODELREQUEST']._serialized_start=1861
+  _globals['_GETMODELREQUEST']._serialized_end=1878
+  _globals['_FIELDINFO']._serialized_start=1880
+  _globals['_FIELDINFO']._serialized_end=1976
+  _globals['_LIMITS']._serialized_start=1978
+  _globals['_LIMITS']._serialized_end=2060
+  _globals['_MODELINFO']._serialized_start=2063
+  _globals['_MODELINFO']._serialized_end=2427
+  _globals['_RECOMMENDER']._serialized_start=2681
+  _globals['_RECOMMENDER']._serialized_end=2906
 # @@protoc_insertion_point(module_scope)

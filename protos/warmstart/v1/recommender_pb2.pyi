@@ -8,6 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RankBy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RANK_BY_UNSPECIFIED: _ClassVar[RankBy]
+    RANK_BY_ENGAGEMENT: _ClassVar[RankBy]
+    RANK_BY_PREDICTED_RATING: _ClassVar[RankBy]
+
 class UnknownItemHandling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     UNKNOWN_ITEM_HANDLING_UNSPECIFIED: _ClassVar[UnknownItemHandling]
@@ -18,6 +24,9 @@ class ItemRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ITEM_ROLE_UNSPECIFIED: _ClassVar[ItemRole]
     INTERACTION: _ClassVar[ItemRole]
     CANDIDATE: _ClassVar[ItemRole]
+RANK_BY_UNSPECIFIED: RankBy
+RANK_BY_ENGAGEMENT: RankBy
+RANK_BY_PREDICTED_RATING: RankBy
 UNKNOWN_ITEM_HANDLING_UNSPECIFIED: UnknownItemHandling
 ENCODED_FROM_ATTRIBUTES: UnknownItemHandling
 ITEM_ROLE_UNSPECIFIED: ItemRole
@@ -59,7 +68,7 @@ class Candidate(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., item_attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("request_id", "user_attributes", "interactions", "candidates", "candidate_ids", "top_k", "exclude_interacted", "exclude_item_ids")
+    __slots__ = ("request_id", "user_attributes", "interactions", "candidates", "candidate_ids", "top_k", "exclude_interacted", "exclude_item_ids", "rank_by")
     class UserAttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +84,7 @@ class RecommendRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_INTERACTED_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    RANK_BY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_attributes: _containers.ScalarMap[str, str]
     interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
@@ -83,15 +93,18 @@ class RecommendRequest(_message.Message):
     top_k: int
     exclude_interacted: bool
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., user_attributes: _Optional[_Mapping[str, str]] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., exclude_interacted: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    rank_by: RankBy
+    def __init__(self, request_id: _Optional[str] = ..., user_attributes: _Optional[_Mapping[str, str]] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., exclude_interacted: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., rank_by: _Optional[_Union[RankBy, str]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
-    __slots__ = ("item_id", "score")
+    __slots__ = ("item_id", "score", "engagement")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    ENGAGEMENT_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    engagement: float
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., engagement: _Optional[float] = ...) -> None: ...
 
 class UnknownItem(_message.Message):
     __slots__ = ("item_id", "role", "handling")
@@ -197,7 +210,7 @@ class Limits(_message.Message):
     def __init__(self, max_interactions: _Optional[int] = ..., max_candidates: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "model_version", "created_at", "label", "user_fields", "item_fields", "catalog_size", "inner_steps", "model_kind", "learner", "engine", "limits")
+    __slots__ = ("model_name", "model_version", "created_at", "label", "user_fields", "item_fields", "catalog_size", "inner_steps", "model_kind", "learner", "engine", "limits", "has_engagement")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +223,7 @@ class ModelInfo(_message.Message):
     LEARNER_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    HAS_ENGAGEMENT_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     created_at: str
@@ -222,4 +236,5 @@ class ModelInfo(_message.Message):
     learner: str
     engine: str
     limits: Limits
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., created_at: _Optional[str] = ..., label: _Optional[_Union[_manifest_pb2.LabelSpec, _Mapping]] = ..., user_fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., item_fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., catalog_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., model_kind: _Optional[str] = ..., learner: _Optional[str] = ..., engine: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    has_engagement: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., created_at: _Optional[str] = ..., label: _Optional[_Union[_manifest_pb2.LabelSpec, _Mapping]] = ..., user_fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., item_fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., catalog_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., model_kind: _Optional[str] = ..., learner: _Optional[str] = ..., engine: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., has_engagement: _Optional[bool] = ...) -> None: ...
