@@ -33,7 +33,7 @@ def tiny_repository(tmp_path_factory) -> Path:
 
     dataset = generate_synthetic(seed=3, n_users=240, n_items=150)
     config = JobConfig.default(meta_steps=30, eval_every=10, meta_batch_size=16)
-    config.model = M.ModelConfig(kind="bias_factor", factors=8)
+    config.model = M.served_config(factors=8, engagement_factors=4)  # the served structure, small
     repository = tmp_path_factory.mktemp("model-repository")
     train_and_export(dataset, repository, "tiny", config, version="1")
     return repository

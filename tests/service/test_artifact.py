@@ -52,7 +52,8 @@ def test_loads_the_exported_artifact(tiny_artifact: Path):
     assert artifact.catalog.size == len(artifact.catalog.item_ids) > 0
     assert artifact.catalog.codes.shape == (artifact.catalog.size, artifact.encoder.item_width)
     assert not artifact.catalog.codes.flags.writeable
-    assert [t.name for t in artifact.outputs] == ["query_scores", "support_loss_before", "support_loss_after"]
+    assert [t.name for t in artifact.outputs] == ["query_scores", "support_loss_before", "support_loss_after", "query_engagement"]
+    assert artifact.has_engagement
     assert artifact.label.kind == "rating"
 
 

@@ -54,8 +54,16 @@ class Reference:
         }
 
     def run(self, request, candidates: list[str]) -> tuple[np.ndarray, float, float]:
-        scores, before, after = self.session.run(None, self.inputs(request, candidates))
-        return scores[0], float(before[0]), float(after[0])
+        """(scores, support loss before, after) of one user."""
+        scores, before, after, _ = self.run_all(request, candidates)
+        return scores, before, after
+
+    def run_all(self, request, candidates: list[str]) -> tuple[np.ndarray, float, float, np.ndarray]:
+        """... and the engagement logits Recommend ranks by."""
+        scores, before, after, engagement = self.session.run(
+            ["query_scores", "support_loss_before", "support_loss_after", "query_engagement"], self.inputs(request, candidates)
+        )
+        return scores[0], float(before[0]), float(after[0]), engagement[0]
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +80,10 @@ def test_recommend_ranks_candidates(shared_server, item_ids, reference):
     response = shared_server.stub.Recommend(request)
     assert response.request_id == "r-1" and response.model_name == "tiny" and response.model_version == "1"
     candidates = [c.item_id for c in request.candidates]
-    scores, before, after = reference.run(request, candidates)
-    best = np.argsort(-scores, kind="stable")[:5]
+    scores, before, after, engagement = reference.run_all(request, candidates)
+    best = np.argsort(-engagement, kind="stable")[:5]  # ranked by engagement: the model has the head
     assert [i.item_id for i in response.items] == [candidates[k] for k in best]
+    np.testing.assert_allclose([i.engagement for i in response.items], engagement[best], atol=1e-5)
     np.testing.assert_allclose([i.score for i in response.items], scores[best], atol=1e-5)
     summary = response.adaptation
     assert summary.support_size == 8 and summary.adapted and summary.inner_steps == 5
@@ -90,11 +99,28 @@ def test_recommend_the_whole_catalog_with_exclusions(shared_server, item_ids, re
     excluded = {i.item_id for i in request.interactions} | {item_ids[0]}
     assert len(response.items) == len(item_ids) - len(excluded)
     assert not excluded & {i.item_id for i in response.items}
-    scores = [i.score for i in response.items]
-    assert scores == sorted(scores, reverse=True)
-    full, _, _ = reference.run(request, item_ids)
+    engagement = [i.engagement for i in response.items]
+    assert engagement == sorted(engagement, reverse=True)
+    full, _, _, full_engagement = reference.run_all(request, item_ids)
     by_id = dict(zip(item_ids, full))
-    np.testing.assert_allclose(scores, [by_id[i.item_id] for i in response.items], atol=1e-5)
+    np.testing.assert_allclose([i.score for i in response.items], [by_id[i.item_id] for i in response.items], atol=1e-5)
+    engagement_by_id = dict(zip(item_ids, full_engagement))
+    np.testing.assert_allclose(engagement, [engagement_by_id[i.item_id] for i in response.items], atol=1e-5)
+
+
+def test_recommend_can_rank_by_predicted_rating(shared_server, item_ids, reference):
+    request = recommend_request(item_ids, 6, 30, np.random.default_rng(12), top_k=7, rank_by=pb.RANK_BY_PREDICTED_RATING)
+    response = shared_server.stub.Recommend(request)
+    candidates = [c.item_id for c in request.candidates]
+    scores, _, _, engagement = reference.run_all(request, candidates)
+    best = np.argsort(-scores, kind="stable")[:7]
+    assert [i.item_id for i in response.items] == [candidates[k] for k in best]
+    np.testing.assert_allclose([i.engagement for i in response.items], engagement[best], atol=1e-5)
+    by_engagement = shared_server.stub.Recommend(pb.RecommendRequest(
+        interactions=request.interactions, candidates=request.candidates, top_k=7, rank_by=pb.RANK_BY_ENGAGEMENT
+    ))
+    assert [i.item_id for i in by_engagement.items] == [candidates[k] for k in np.argsort(-engagement, kind="stable")[:7]]
+    assert [i.item_id for i in by_engagement.items] != [i.item_id for i in response.items]  # the two orders differ here
 
 
 def test_zero_interactions_use_the_initialisation(shared_server, item_ids, reference):
@@ -103,8 +129,8 @@ def test_zero_interactions_use_the_initialisation(shared_server, item_ids, refer
     summary = response.adaptation
     assert summary.support_size == 0 and not summary.adapted and summary.inner_steps == 0
     assert summary.support_loss_before == 0 and summary.support_loss_after == 0
-    scores, _, _ = reference.run(request, item_ids[:20])
-    np.testing.assert_allclose([i.score for i in response.items], np.sort(scores)[::-1][:3], atol=1e-5)
+    _, _, _, engagement = reference.run_all(request, item_ids[:20])
+    np.testing.assert_allclose([i.engagement for i in response.items], np.sort(engagement)[::-1][:3], atol=1e-5)
 
 
 def test_score_keeps_request_order(shared_server, item_ids, reference):
@@ -231,6 +257,7 @@ BAD_RECOMMENDS = {
         "candidates[2].item_id",
     ),
     "negative top_k": (lambda ids: pb.RecommendRequest(top_k=-1), "top_k"),
+    "unknown rank_by": (lambda ids: pb.RecommendRequest(rank_by=99), "rank_by"),
     "too many interactions": (lambda ids: pb.RecommendRequest(interactions=[_interaction(i) for i in ids[:33]]), "interactions"),
     "too many candidates": (lambda ids: pb.RecommendRequest(candidates=[pb.Candidate(item_id=f"c{k}") for k in range(257)]), "candidates"),
     "too many candidate ids": (lambda ids: pb.RecommendRequest(candidate_ids=[f"c{k}" for k in range(257)]), "candidate_ids"),
