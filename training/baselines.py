@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from training.dataset import Dataset
-from training.harness import FitContext, validation_mse
+from training.fitting import FitContext, validation_mse
 from training.splits import Task
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -52,7 +52,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args: argparse.Namespace) -> Dataset:
-    from training.data import load_dataset, load_generic
+    from training.data import load_dataset
 
     if args.dataset == "synthetic":
         if args.path is not None:
@@ -117,7 +117,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_splits(args: argparse.Namespace) -> int:
-    from training.splits import Protocol, load_or_make_splits
+    from training.splits import load_or_make_splits
 
     dataset = load_from_args(args)
     for scenario in _scenarios(args.scenario):
@@ -221,7 +221,7 @@ def _bar(total: int, description: str, enabled: bool):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training import model as M
-    from training.methods import learner_config
+    from training.learners import learner_config
     from training.pipeline import JobConfig, train_and_export
 
     _set_threads(args)

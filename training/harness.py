@@ -9,22 +9,18 @@ item. The harness turns those into per-user result rows (see training.report).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol as TypingProtocol, Sequence
+from typing import Callable, Protocol as TypingProtocol, Sequence
 
 import numpy as np
 
 from training.dataset import Dataset
+from training.fitting import FitContext, support_label, tasks_at
 from training.metrics import user_metrics
 from training.splits import Split, Task, build_tasks, training_rows
 
 log = logging.getLogger(__name__)
 
 SUPPORT_SIZES: tuple[int | None, ...] = (1, 3, 5, 10, 20, None)  # None = all
-
-
-def support_label(k: int | None) -> str:
-    return "all" if k is None else str(k)
 
 
 def parse_support_sizes(text: str) -> tuple[int | None, ...]:
@@ -41,41 +37,12 @@ def parse_support_sizes(text: str) -> tuple[int | None, ...]:
     return tuple(sizes)
 
 
-@dataclass
-class FitContext:
-    """What a method may learn from in one split."""
-
-    dataset: Dataset  # the whole dataset: attribute tables, label spec
-    train: Dataset  # only the interactions this split allows for training
-    valid_tasks: list[Task]  # validation users' tasks (full support pools), for tuning
-    support_sizes: tuple[int | None, ...]  # the sizes it will be evaluated at
-    split: Split
-    seed: int = 0
-
-
 class Method(TypingProtocol):
     name: str
 
     def fit(self, context: FitContext) -> None: ...
 
     def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]: ...
-
-
-def tasks_at(tasks: Iterable[Task], k: int | None) -> list[Task]:
-    return [t.with_support_size(k) for t in tasks]
-
-
-def validation_mse(
-    method: Method, tasks: Sequence[Task], support_sizes: Sequence[int | None], low: float, high: float
-) -> float:
-    """Mean query MSE (clipped predictions) over tasks and support sizes: the tuning objective."""
-    total, count = 0.0, 0
-    for k in support_sizes:
-        for task, pred in zip(tasks, method.predict(tasks_at(tasks, k))):
-            err = np.clip(pred, low, high) - task.query_labels
-            total += float(np.mean(err * err))
-            count += 1
-    return total / max(count, 1)
 
 
 def fit_context(dataset: Dataset, split: Split, support_sizes: tuple[int | None, ...], seed: int = 0) -> FitContext:

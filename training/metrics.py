@@ -326,3 +326,14 @@ def recall_at_n(ranked: Sequence[int] | np.ndarray, relevant: Sequence[int] | np
         raise ValueError("recall needs at least one relevant item")
     hits = len(set(np.asarray(ranked)[:n].tolist()) & relevant_set)
     return hits / min(n, len(relevant_set))
+
+
+def query_loss(pred: np.ndarray, y: np.ndarray, kind: LabelKind) -> float:
+    """One user's mean query loss: squared error for ratings (pass predictions clipped to
+    the label range), log loss for clicks (predictions are probabilities, kept off 0 and 1).
+    The one definition validation, tuning and the job's sanity check all use."""
+    pred, y = _check_pair(pred, y)
+    if kind == "click":
+        p = np.clip(pred, 1e-7, 1 - 1e-7)
+        return float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
+    return float(np.mean((pred - y) ** 2))

@@ -21,7 +21,8 @@ from training import model as M
 from training.dataset import Dataset
 from training.export import ExportResult, export_artifact, sha256_file
 from training.inner_loop import InnerLoopConfig
-from training.methods import learner_config, meta_train
+from training.initialisation import meta_train
+from training.learners import learner_config
 from training.splits import Protocol, build_tasks, make_splits, training_rows
 from training.trainer import TrainConfig, TrainResult
 from warmstart.v1 import manifest_pb2 as pb
@@ -82,8 +83,8 @@ def validation_evaluation(dataset: Dataset, adapted, catalog, valid_tasks, train
     artifact, not the honest estimate: that comes from `training.cli evaluate`.
     """
     from training.baselines import BiasBaseline
-    from training.harness import FitContext, support_label
-    from training.metrics import paired_difference_ci
+    from training.fitting import FitContext, support_label
+    from training.metrics import paired_difference_ci, query_loss
 
     bias = BiasBaseline()
     bias.fit(FitContext(dataset=dataset, train=train, valid_tasks=list(valid_tasks), support_sizes=tuple(sizes), split=None))  # type: ignore[arg-type]
@@ -93,7 +94,7 @@ def validation_evaluation(dataset: Dataset, adapted, catalog, valid_tasks, train
         tasks = [t.with_support_size(k) for t in valid_tasks]
         per_method = {}
         for name, predictions in (("model", adapted.predict(catalog, tasks)), ("bias", bias.predict(tasks))):
-            per_method[name] = np.array([np.mean((np.clip(p, low, high) - t.query_labels) ** 2) for p, t in zip(predictions, tasks)])
+            per_method[name] = np.array([query_loss(np.clip(p, low, high), t.query_labels, "rating") for p, t in zip(predictions, tasks)])
         rmse = {n: float(np.sqrt(v.mean())) for n, v in per_method.items()}
         _, lo, hi = paired_difference_ci(per_method["model"], per_method["bias"])
         scale = rmse["model"] + rmse["bias"]

@@ -43,6 +43,7 @@ from training.inner_loop import (
     to_label_units,
     trainable_inner_names,
 )
+from training.metrics import query_loss, recall_at_n
 from training.splits import Task
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,6 @@ def catalog_recall(
     """Mean Recall@cutoff over the catalog rows `rows` (support excluded) of each task's
     later engaged items, over users and support sizes; a task is its user's whole history
     (support + query, in time order). Users with nothing later at a size are left out."""
-    from training.metrics import recall_at_n
 
     position = {int(r): j for j, r in enumerate(rows)}
     values = []
@@ -190,12 +190,7 @@ def validation_loss(adapted: AdaptedModel, catalog: EncodedCatalog, tasks: Seque
     for k in sizes:
         predictions = adapted.predict(catalog, [t.with_support_size(k) for t in tasks])
         for task, pred in zip(tasks, predictions):
-            y = task.query_labels
-            if adapted.label.kind == "click":
-                p = np.clip(pred, 1e-7, 1 - 1e-7)
-                total += float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
-            else:
-                total += float(np.mean((pred - y) ** 2))
+            total += query_loss(pred, task.query_labels, adapted.label.kind)
             count += 1
     return total / max(count, 1)
 

@@ -10,13 +10,8 @@ import pytest
 
 from training.baselines import baseline_methods
 from training.dataset import Dataset
-from training.harness import (
-    FitContext,
-    evaluate,
-    parse_support_sizes,
-    support_label,
-    validation_mse,
-)
+from training.fitting import FitContext, support_label, validation_mse
+from training.harness import evaluate, parse_support_sizes
 from training.splits import Protocol, Split, Task, make_splits
 from training.synthetic import generate_synthetic
 

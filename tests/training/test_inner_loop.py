@@ -13,7 +13,7 @@ import torch
 from training import model as M
 from training.features import FeatureSchema, Field
 from training.inner_loop import CATALOG_WEIGHT, Batch, InnerLoopConfig, adapt_and_score, init_inner_params, inner_steps
-from training.methods import learner_config
+from training.learners import learner_config
 
 
 @pytest.fixture(autouse=True)

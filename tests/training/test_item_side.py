@@ -11,7 +11,7 @@ from training.baselines import ItemStats
 from training.batching import EncodedCatalog
 from training.dataset import AttributeField, AttributeTable, Dataset, LabelSpec
 from training.features import build_schema
-from training.methods import item_side, with_attribute_prior
+from training.initialisation import item_side, with_attribute_prior
 
 
 def genre_dataset() -> Dataset:

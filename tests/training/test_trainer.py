@@ -12,7 +12,8 @@ import torch
 
 from training import model as M
 from training.harness import fit_context
-from training.methods import learner_config, meta_train, prepare
+from training.initialisation import meta_train, prepare
+from training.learners import learner_config
 from training.splits import Protocol, build_tasks, make_splits
 from training.synthetic import generate_synthetic
 from training.trainer import MetaTrainer, TrainConfig
