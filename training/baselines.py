@@ -293,7 +293,7 @@ class FunkSVD:
     name: str = "svd"
     grid: Sequence[SVDConfig] = (SVDConfig(factors=20, reg=0.02), SVDConfig(factors=20, reg=0.1), SVDConfig(), SVDConfig(reg=0.1))
     bias_penalty_grid: Sequence[float] = (3.0, 10.0, 25.0)
-    factor_penalty_grid: Sequence[float] = (1.0, 3.0, 10.0, 30.0, 100.0)
+    factor_penalty_grid: Sequence[float] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
     config: SVDConfig | None = None
     bias_penalty: float = float("nan")
     factor_penalty: float = float("nan")
