@@ -210,6 +210,8 @@ def top_n(scores: np.ndarray, excluded: np.ndarray, order: np.ndarray, n: int) -
     best = np.argsort(-permuted, axis=1, kind="stable")[:, :n]  # stable: earlier in `order` wins a tie
     chosen = order[best]
     chosen[np.take_along_axis(permuted, best, axis=1) == -np.inf] = -1
+    if chosen.shape[1] < n:  # a catalog smaller than n
+        chosen = np.pad(chosen, ((0, 0), (0, n - chosen.shape[1])), constant_values=-1)
     return chosen
 
 

@@ -171,7 +171,7 @@ class EASE:
     """EASE (Steck 2019), lambda tuned."""
 
     name: str = "ease"
-    lambda_grid: Sequence[float] = (30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0)
+    lambda_grid: Sequence[float] = (100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0)
     index: ItemIndex | None = None
     weights: np.ndarray | None = None
     label_kind: str = "rating"
