@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[train,torch-engine,dev]"
+	$(PY) -m pip install --quiet -e ".[train,torch-engine,dev,eval]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Sequence
 
 from training.dataset import DataError, Dataset, LabelSpec
+from training.topn import DEFAULT_TOPN_METHODS, DEFAULT_TOPN_REFERENCE
 
 log = logging.getLogger("training")
 
-DEFAULT_METHODS = "global_mean,item_mean,bias,mlp,mlp_finetune,mlp_maml,mlp_fomaml,mlp_metasgd,warmstart"
+DEFAULT_METHODS = "global_mean,item_mean,bias,baseline_only,svd,mlp,mlp_finetune,mlp_maml,mlp_fomaml,mlp_metasgd,warmstart"
 
 
 class UsageError(Exception):
@@ -115,6 +116,18 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _limit_blas_threads(args: argparse.Namespace) -> None:
+    """numpy's BLAS as threaded as torch (--threads) for the evaluation's many small matrix
+    ops, which measured about 5x slower with two BLAS threads on two shared cores."""
+    if not args.threads:
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # without the eval extra numpy keeps its default
+        return
+    threadpool_limits(args.threads)
+
+
 # -- commands ------------------------------------------------------------------------------------
 def cmd_splits(args: argparse.Namespace) -> int:
     from training.splits import load_or_make_splits
@@ -167,9 +180,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.report import write_report
     from training.splits import load_or_make_splits
 
+    if args.protocol == "topn":
+        return cmd_evaluate_topn(args)
+    if args.liked_threshold is not None:
+        raise UsageError("--liked-threshold is for --protocol topn")
+    args.methods = args.methods or DEFAULT_METHODS
+    args.reference = args.reference or "baseline_only"
     _set_threads(args)
+    _limit_blas_threads(args)
     dataset = load_from_args(args)
-    sizes = parse_support_sizes(args.support_sizes)
+    sizes = parse_support_sizes(args.support_sizes or "1,3,5,10,20,all")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.reference not in names:
         raise UsageError(f"--reference {args.reference} must be one of --methods")
@@ -177,10 +197,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     started = time.perf_counter()
-    try:
-        folds = [int(f) for f in args.only_folds.split(",")] if args.only_folds else None
-    except ValueError:
-        raise UsageError(f"--only-folds takes comma-separated fold numbers, got {args.only_folds!r}") from None
+    folds = _only_folds(args)
     for scenario in _scenarios(args.scenario):
         protocol = _protocol(args, scenario)
         splits = load_or_make_splits(dataset, protocol, args.out / "splits" / f"{dataset.name}-{scenario}-seed{args.seed}")
@@ -209,6 +226,111 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = write_report(rows, args.out, reference=args.reference, title=f"warmstart evaluation: {dataset.name}", notes=notes)
     print(f"report: {report}")
     return 0
+
+
+def _only_folds(args: argparse.Namespace) -> list[int] | None:
+    try:
+        return [int(f) for f in args.only_folds.split(",")] if args.only_folds else None
+    except ValueError:
+        raise UsageError(f"--only-folds takes comma-separated fold numbers, got {args.only_folds!r}") from None
+
+
+def cmd_evaluate_topn(args: argparse.Namespace) -> int:
+    """evaluate --protocol topn: the catalog-wide top-N protocol (training.topn)."""
+    from training.report import write_report
+    from training.splits import load_or_make_splits
+    from training.topn import (
+        COVERAGE_CUTOFF,
+        TOPN_METHOD_HELP,
+        coverage_table,
+        evaluate_topn,
+        make_topn_methods,
+        parse_topn_sizes,
+        relevances,
+    )
+
+    names = [m.strip() for m in (args.methods or DEFAULT_TOPN_METHODS).split(",") if m.strip()]
+    unknown = [n for n in names if n not in TOPN_METHOD_HELP]
+    if unknown:
+        raise UsageError(f"--methods: unknown top-N methods {unknown}; choose from {', '.join(TOPN_METHOD_HELP)}")
+    reference = args.reference or DEFAULT_TOPN_REFERENCE
+    if reference not in names:
+        raise UsageError(f"--reference {reference} must be one of --methods")
+    try:
+        sizes = parse_topn_sizes(args.support_sizes or "0,1,3,5,10,20")
+    except ValueError as error:
+        raise UsageError(f"--support-sizes: {error}") from None
+    _set_threads(args)
+    _limit_blas_threads(args)
+    dataset = load_from_args(args)
+    sections = relevances(dataset, args.liked_threshold)
+    train_config = train_config_from(args)
+    folds = _only_folds(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    coverage: list[dict] = []
+    settings: list[dict] = []
+    section_names: list[str] = []
+    for scenario in _scenarios(args.scenario):
+        protocol = _protocol(args, scenario)
+        splits = load_or_make_splits(dataset, protocol, args.out / "splits" / f"{dataset.name}-{scenario}-seed{args.seed}")
+        if folds is not None:
+            splits = [s for s in splits if s.fold in folds]
+        bar = _bar(len(splits) * len(names), f"top-N {scenario}", enabled=not args.no_progress)
+        result = evaluate_topn(
+            dataset,
+            splits,
+            lambda: make_topn_methods(names, train_config, args.inner_steps),
+            sizes,
+            liked_threshold=args.liked_threshold,
+            progress=(lambda message: (bar.update(1), bar.set_postfix_str(message))) if bar else None,
+        )
+        if bar:
+            bar.close()
+        rows += result.rows
+        coverage += result.coverage
+        settings += result.settings
+        section_names += [r.section(scenario) for r in sections]
+    with (args.out / "results.jsonl").open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    elapsed = time.perf_counter() - started
+    relevant = "; ".join(f"`{r.name}`" + ("" if r.min_label is None else f" (label >= {r.min_label:g})") for r in sections)
+    notes = (
+        f"Top-N protocol. Dataset `{dataset.name}` ({len(dataset)} interactions, fingerprint "
+        f"`{dataset.fingerprint()[:12]}`); protocol seed {args.seed}, {args.folds} folds, users with "
+        f"{args.min_interactions}-{args.max_interactions} interactions; support = each test user's first K "
+        f"interactions, relevant = their later ones, sections: {relevant}; candidates = the whole catalog "
+        f"minus the support; wall time {elapsed:.0f} s."
+    )
+    extra = {
+        f"Catalog coverage@{COVERAGE_CUTOFF}": "Distinct items in the top-20 lists of every evaluated user (all folds "
+        "pooled) / catalog size; in brackets the range over folds.\n\n"
+        + "\n\n".join(f"**{name}**\n\n{coverage_table(coverage, name)}" for name in section_names if any(c["scenario"] == name for c in coverage)),
+        "Chosen hyper-parameters": _settings_table(settings),
+    }
+    report = write_report(
+        rows,
+        args.out,
+        reference=reference,
+        title=f"warmstart top-N evaluation: {dataset.name}",
+        notes=notes,
+        extra_sections=extra,
+        extra_summary={"coverage": coverage, "settings": settings, "wall_time_s": elapsed},
+    )
+    print(f"report: {report}")
+    return 0
+
+
+def _settings_table(settings: list[dict]) -> str:
+    if not settings:
+        return "No tuned method."
+    lines = ["| scenario | fold | method | setting |", "|---|---|---|---|"]
+    for entry in settings:
+        chosen = ", ".join(f"{k}={v}" for k, v in entry.items() if k not in ("scenario", "fold", "method"))
+        lines.append(f"| {entry['scenario']} | {entry['fold']} | {entry['method']} | {chosen} |")
+    return "\n".join(lines)
 
 
 def _bar(total: int, description: str, enabled: bool):
@@ -282,9 +404,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_arguments(p)
     add_protocol_arguments(p)
     add_training_arguments(p)
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default: {DEFAULT_METHODS})")
-    p.add_argument("--reference", default="bias", help="method every other is compared with (paired 95%% CI)")
-    p.add_argument("--support-sizes", default="1,3,5,10,20,all", help="support sizes K to evaluate at")
+    p.add_argument(
+        "--protocol",
+        choices=("rating", "topn"),
+        default="rating",
+        help="rating: predict each test user's query ratings; topn: rank the whole catalog for them (training/topn.py)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated (default: {DEFAULT_METHODS}; topn: {DEFAULT_TOPN_METHODS})",
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        help=f"method every other is compared with (paired 95%% CI; default: baseline_only; topn: {DEFAULT_TOPN_REFERENCE})",
+    )
+    p.add_argument("--support-sizes", default=None, help="support sizes K to evaluate at (default: 1,3,5,10,20,all; topn: 0,1,3,5,10,20)")
+    p.add_argument(
+        "--liked-threshold",
+        type=float,
+        default=None,
+        help="topn, rating data: a later rating at least this high is 'liked' (default: 3/4 up the label range, 4 on 1-5)",
+    )
     p.add_argument("--only-folds", default="", help="comma-separated folds to run (default: all)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report directory")
     p.set_defaults(func=cmd_evaluate)

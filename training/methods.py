@@ -136,7 +136,9 @@ def _mlp(**overrides) -> M.ModelConfig:
 METHOD_HELP = {
     "global_mean": "mean training label",
     "item_mean": "item mean shrunk toward the global mean",
-    "bias": "shrunk item mean + ridge user bias fitted on the support set (the reference)",
+    "bias": "shrunk item mean + ridge user bias fitted on the support set",
+    "baseline_only": "the standard BaselineOnly (ALS biases, surprise's defaults), the user's bias folded in (the reference)",
+    "svd": "Funk SVD by SGD, the user's bias and factors folded in by ridge (grid tuned on validation users)",
     "mlp": "attribute + item-id MLP trained without adaptation",
     "mlp_finetune": "the same MLP fine-tuned per user with plain SGD (steps and lr tuned)",
     "mlp_maml": "MLP, MAML (second order) on the decision layers (MeLU-like)",
@@ -152,7 +154,7 @@ METHOD_HELP = {
 
 def make_methods(names: Sequence[str], train_config: TrainConfig, inner_steps: int = 5, progress: bool = False) -> list:
     """Fresh method instances for the harness, in the given order."""
-    from training.baselines import GlobalMean, ItemMean
+    from training.baselines import BaselineOnly, FunkSVD, GlobalMean, ItemMean
 
     unknown = [n for n in names if n not in METHOD_HELP]
     if unknown:
@@ -166,6 +168,10 @@ def make_methods(names: Sequence[str], train_config: TrainConfig, inner_steps: i
             out.append(ItemMean())
         elif name == "bias":
             out.append(BiasBaseline())
+        elif name == "baseline_only":
+            out.append(BaselineOnly())
+        elif name == "svd":
+            out.append(FunkSVD())
         elif name in ("mlp", "mlp_finetune"):
             out.append(FineTuned(name, _mlp(), train_config, tune=name == "mlp_finetune", shared=shared, progress=progress))
         elif name.startswith("mlp_"):

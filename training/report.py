@@ -72,35 +72,38 @@ class SummaryRow(TypedDict):
 
 
 CONFIDENCE = 0.95
-_K_ORDER = ("1", "3", "5", "10", "20", "all")
-_LOWER_IS_BETTER = {"mae": True, "rmse": True}  # nDCG and AUC: higher is better
-_PLOTTED = ("rmse", "mae", "ndcg@5")
+_LOWER_IS_BETTER = {"mae": True, "rmse": True}  # nDCG, AUC, Recall: higher is better
+_UNRANKED_PREFIXES = ("popularity@",)  # descriptive: neither direction is "best"
+_PLOTTED = ("rmse", "mae", "ndcg@5", "recall@20", "ndcg@20")
 _KEY_COLUMNS = ("scenario", "fold", "support_size", "method", "user")
 
 
 def support_size_key(support_size: str) -> tuple[int, float, str]:
-    """Sort key putting support sizes in the order 1, 3, 5, 10, 20, all (others numerically)."""
-    if support_size in _K_ORDER:
-        return 0, _K_ORDER.index(support_size), support_size
+    """Sort key putting numeric support sizes in numeric order (0, 1, 3, 5, 10, 20), then "all"."""
     if support_size.isdigit():
         return 0, float(support_size), support_size
     return 1, 0.0, support_size
 
 
 def metric_title(metric: str) -> str:
-    """Display name: "rmse" -> "RMSE", "ndcg@5" -> "nDCG@5"."""
-    if metric.startswith("ndcg@"):
-        return "nDCG@" + metric.removeprefix("ndcg@")
+    """Display name: "rmse" -> "RMSE", "ndcg@5" -> "nDCG@5", "recall@20" -> "Recall@20"."""
+    for prefix, title in (("ndcg@", "nDCG@"), ("recall@", "Recall@"), ("popularity@", "Popularity percentile@")):
+        if metric.startswith(prefix):
+            return title + metric.removeprefix(prefix)
     return metric.upper()
 
 
+def _by_cutoff(keys: Iterable[str], prefix: str) -> list[str]:
+    return sorted((key for key in keys if key.startswith(prefix)), key=lambda key: int(key.removeprefix(prefix)))
+
+
 def _metric_names(rows: Sequence[ResultRow]) -> list[str]:
-    """Metrics present in the rows: mae, rmse, every ndcg@k by k, then auc."""
+    """Metrics present in the rows. Rating rows: mae, rmse, every ndcg@k by k, then auc.
+    Top-N rows (no "se"): every recall@k, every ndcg@k, then popularity@k."""
     keys = {key for row in rows for key in row}
-    ndcg = sorted(
-        (key for key in keys if key.startswith("ndcg@")), key=lambda key: int(key.removeprefix("ndcg@"))
-    )
-    return ["mae", "rmse", *ndcg, *(["auc"] if "auc" in keys else [])]
+    if "se" not in keys:
+        return [*_by_cutoff(keys, "recall@"), *_by_cutoff(keys, "ndcg@"), *_by_cutoff(keys, "popularity@")]
+    return ["mae", "rmse", *_by_cutoff(keys, "ndcg@"), *(["auc"] if "auc" in keys else [])]
 
 
 def _source_key(metric: str) -> str:
@@ -259,6 +262,8 @@ def _cell(entry: MetricSummary, is_reference: bool, is_best: bool) -> str:
 
 def _best_values(rows: Sequence[SummaryRow], metric: str, support_sizes: Sequence[str]) -> dict[str, float]:
     best: dict[str, float] = {}
+    if metric.startswith(_UNRANKED_PREFIXES):
+        return best
     choose = min if _LOWER_IS_BETTER.get(metric, False) else max
     for support_size in support_sizes:
         values = [
@@ -361,6 +366,34 @@ def _json_safe(value: object) -> object:
     return value
 
 
+_RATING_EXPLANATION = (
+    "Each cell: value (difference vs `{reference}` [paired {confidence:.0%} CI]). "
+    "Metrics are computed per user and averaged over users; RMSE is sqrt(mean per-user MSE). "
+    "Differences are paired by (fold, user) and pooled over folds (Student-t interval). "
+    "The RMSE difference interval is the MSE-difference interval divided by "
+    "(RMSE_method + RMSE_reference), so it excludes 0 exactly when the MSE one does. "
+    "† = the interval excludes 0 (resolved). **Bold** = best value in the column "
+    "(lowest MAE/RMSE, highest nDCG/AUC). nDCG is tie-aware; users whose query has no "
+    "positive gain are left out of nDCG. Plot bands are each method's own interval "
+    "(unpaired): overlapping bands do not make a difference unresolved, the paired "
+    "intervals in the tables decide."
+)
+
+
+_TOPN_EXPLANATION = (
+    "Each cell: value (difference vs `{reference}` [paired {confidence:.0%} CI]). "
+    "Metrics are computed per user over the whole catalog (the support masked out) and averaged over "
+    "users: Recall@N = hits / min(N, relevant items), nDCG@N with binary gains and the ideal of "
+    "min(N, relevant) hits at the top, popularity percentile@20 = the mean training-popularity "
+    "percentile of the user's top 20 (100 = the most interacted item). Users with no relevant item at a "
+    "K are left out at that K for every method. Ties in scores are broken by training popularity, "
+    "then catalog order. Differences are paired by (fold, user) and pooled over folds (Student-t "
+    "interval). † = the interval excludes 0 (resolved). **Bold** = best value in the column (none for "
+    "popularity). Plot bands are each method's own interval (unpaired); the paired intervals in the "
+    "tables decide."
+)
+
+
 def _render_markdown(
     summary: Sequence[SummaryRow],
     out_dir: Path,
@@ -374,18 +407,9 @@ def _render_markdown(
     parts = [f"# {title}"]
     if notes:
         parts.append(notes.strip())
-    parts.append(
-        f"Each cell: value (difference vs `{reference}` [paired {CONFIDENCE:.0%} CI]). "
-        "Metrics are computed per user and averaged over users; RMSE is sqrt(mean per-user MSE). "
-        "Differences are paired by (fold, user) and pooled over folds (Student-t interval). "
-        "The RMSE difference interval is the MSE-difference interval divided by "
-        "(RMSE_method + RMSE_reference), so it excludes 0 exactly when the MSE one does. "
-        "† = the interval excludes 0 (resolved). **Bold** = best value in the column "
-        "(lowest MAE/RMSE, highest nDCG/AUC). nDCG is tie-aware; users whose query has no "
-        "positive gain are left out of nDCG. Plot bands are each method's own interval "
-        "(unpaired): overlapping bands do not make a difference unresolved, the paired "
-        "intervals in the tables decide."
-    )
+    topn = bool(summary) and "rmse" not in summary[0]["metrics"]
+    explanation = _TOPN_EXPLANATION if topn else _RATING_EXPLANATION
+    parts.append(explanation.format(reference=reference, confidence=CONFIDENCE))
     used_names: set[str] = set()
     for scenario in scenarios:
         rows = [row for row in summary if row["scenario"] == scenario]
@@ -416,11 +440,13 @@ def write_report(
     title: str,
     notes: str = "",
     extra_sections: dict[str, str] | None = None,
+    extra_summary: dict | None = None,
 ) -> Path:
     """Write out_dir/report.md (tables, embedded PNG plots) and out_dir/summary.json.
 
     Returns the path of report.md. `notes` goes under the title; `extra_sections` maps
-    a heading to Markdown appended at the end.
+    a heading to Markdown appended at the end; `extra_summary` adds top-level keys to
+    summary.json (e.g. the top-N protocol's coverage).
     """
     summary = summarise(rows, reference)
     out = Path(out_dir)
@@ -428,7 +454,7 @@ def write_report(
     markdown = _render_markdown(summary, out, reference, title, notes, extra_sections or {})
     report_path = out / "report.md"
     report_path.write_text(markdown, encoding="utf-8")
-    document = {"title": title, "reference": reference, "confidence": CONFIDENCE, "rows": summary}
+    document = {"title": title, "reference": reference, "confidence": CONFIDENCE, "rows": summary, **(extra_summary or {})}
     (out / "summary.json").write_text(
         json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n", encoding="utf-8"
     )

@@ -7,7 +7,14 @@ import pytest
 
 from training.baselines import (
     SHRINKAGE_GRID,
+    BaselineOnly,
     BiasBaseline,
+    Encoded,
+    FunkSVD,
+    SVDConfig,
+    als_biases,
+    funk_svd,
+    ridge_fold_in,
     GlobalMean,
     ItemMean,
     ItemStats,
@@ -17,6 +24,7 @@ from training.baselines import (
 from training.dataset import AttributeTable, Dataset, LabelSpec
 from training.harness import FitContext
 from training.splits import Task
+from training.synthetic import generate_synthetic
 
 
 def make_train(rows: list[tuple[str, str, float]]) -> Dataset:
@@ -162,3 +170,127 @@ def test_baseline_methods_are_fresh_and_in_report_order():
     assert [m.name for m in first] == ["global_mean", "item_mean", "bias"]
     assert all(a is not b for a, b in zip(first, second))
     assert tuple(first[1].grid) == SHRINKAGE_GRID and tuple(first[2].user_grid) == SHRINKAGE_GRID
+
+
+# --- BaselineOnly and Funk SVD ------------------------------------------------------------------
+
+
+def test_baseline_only_one_als_epoch_hand_solved():
+    # mu = 11/3; items first from b_u = 0: b_a = (4 + 5 - 2 mu) / (10 + 2) = 5/36,
+    # b_b = (2 - mu) / (10 + 1) = -5/33; then users: b_x = (4 - mu - 5/36 + 2 - mu + 5/33) / (15 + 2),
+    # b_y = (5 - mu - 5/36) / (15 + 1).
+    mu, b_u, b_i = als_biases(Encoded.of(TRAIN), reg_i=10.0, reg_u=15.0, epochs=1)
+    assert mu == pytest.approx(MU)
+    np.testing.assert_allclose(b_i, [5 / 36, -5 / 33], rtol=1e-12)  # codes: a, b
+    np.testing.assert_allclose(b_u, [-523 / 6732, 43 / 576], rtol=1e-12)  # codes: x, y
+
+    method = BaselineOnly(epochs=1)
+    method.fit(context(TRAIN, []))
+    # a new user's bias: the same user step on the support, item biases fixed
+    t = task("new", support=[("a", 5.0), ("b", 3.0)], query=[("c", 1.0), ("a", 1.0)])
+    b_new = ((5 - MU - 5 / 36) + (3 - MU + 5 / 33)) / 17
+    assert method.user_bias(t) == pytest.approx(b_new)
+    (pred,) = method.predict([t])
+    np.testing.assert_allclose(pred, [MU + b_new, MU + b_new + 5 / 36], rtol=1e-12)  # c is unknown: b_c = 0
+
+
+def _surprise_fit(data, tmp_path):
+    surprise = pytest.importorskip("surprise", reason="scikit-surprise (the eval extra) is not installed")
+    path = tmp_path / "ratings.txt"
+    path.write_text("".join(f"{u} {i} {r:g}\n" for u, i, r in zip(data.user_ids, data.item_ids, data.labels)))
+    reader = surprise.Reader(line_format="user item rating", sep=" ", rating_scale=(1, 5))
+    trainset = surprise.Dataset.load_from_file(str(path), reader=reader).build_full_trainset()
+    algo = surprise.BaselineOnly(bsl_options={"method": "als"}, verbose=False)  # reg_i 10, reg_u 15, 10 epochs
+    algo.fit(trainset)
+    return algo, trainset
+
+
+def test_baseline_only_matches_scikit_surprise(tmp_path):
+    data = generate_synthetic(seed=2, n_users=80, n_items=50)
+    algo, trainset = _surprise_fit(data, tmp_path)
+    method = BaselineOnly()
+    method.fit(context(data, []))
+    encoded = Encoded.of(data)
+    mu, b_u, b_i = als_biases(encoded, method.reg_i, method.reg_u, method.epochs)
+    assert np.std(b_i) > 0.05 and np.std(b_u) > 0.05  # a real test: the biases are far from 0
+    for user in encoded.user_ids[:20]:
+        for item in encoded.item_ids[:20]:
+            theirs = algo.predict(user, item, clip=False).est
+            ours = mu + b_u[np.searchsorted(encoded.user_ids, user)] + b_i[encoded.item_code[item]]
+            assert ours == pytest.approx(theirs, abs=1e-10)
+    # surprise's last ALS step is a user step, so folding a training user's own ratings in
+    # against the final item biases reproduces that user's bias there
+    for user in encoded.user_ids[:10]:
+        rows = data.user_ids == user
+        own = Task(user, data.item_ids[rows], data.labels[rows], data.item_ids[:1], data.labels[:1])
+        assert method.user_bias(own) == pytest.approx(algo.bu[trainset.to_inner_uid(user)], abs=1e-10)
+
+
+def test_ridge_fold_in_solves_each_tasks_normal_equations():
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(3, 5, 4))
+    targets = rng.normal(size=(3, 5))
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=float)
+    penalties = np.array([2.0, 0.5, 0.5, 0.5])
+    solved = ridge_fold_in(features, mask, targets, penalties)
+    for t in range(3):
+        z, y = features[t][mask[t] == 1], targets[t][mask[t] == 1]
+        expected = np.linalg.solve(z.T @ z + np.diag(penalties), z.T @ y)
+        np.testing.assert_allclose(solved[t], expected, atol=1e-12)
+    np.testing.assert_allclose(solved[2], 0.0)
+
+
+def test_funk_svd_with_batch_one_is_sequential_sgd():
+    # a per-rating SGD loop written out, with the same random draws
+    data = Encoded.of(make_train([("x", "a", 4.0), ("y", "a", 5.0), ("x", "b", 2.0), ("y", "c", 1.0), ("z", "b", 3.0)]))
+    config = SVDConfig(factors=2, epochs=3, learning_rate=0.05, reg=0.1, batch_size=1)
+    mu, b_u, b_i, p, q = funk_svd(data, config, seed=7)
+
+    rng = np.random.default_rng(7)
+    ref_mu = float(np.mean(data.labels))
+    ref_bu, ref_bi = np.zeros(3), np.zeros(3)
+    ref_p = rng.normal(0.0, 0.1, (3, 2))
+    ref_q = rng.normal(0.0, 0.1, (3, 2))
+    for _ in range(3):
+        for row in rng.permutation(5):
+            u, i, r = data.users[row], data.items[row], data.labels[row]
+            error = r - (ref_mu + ref_bu[u] + ref_bi[i] + ref_p[u] @ ref_q[i])
+            ref_bu[u] += 0.05 * (error - 0.1 * ref_bu[u])
+            ref_bi[i] += 0.05 * (error - 0.1 * ref_bi[i])
+            pu = ref_p[u].copy()
+            ref_p[u] += 0.05 * (error * ref_q[i] - 0.1 * ref_p[u])
+            ref_q[i] += 0.05 * (error * pu - 0.1 * ref_q[i])
+    assert mu == pytest.approx(ref_mu)
+    for ours, ref in ((b_u, ref_bu), (b_i, ref_bi), (p, ref_p), (q, ref_q)):
+        np.testing.assert_allclose(ours, ref, atol=1e-12)
+
+
+def test_svd_config_is_validated():
+    with pytest.raises(ValueError, match="factors"):
+        SVDConfig(factors=0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        SVDConfig(learning_rate=0.0)
+
+
+def test_svd_tunes_on_validation_users_and_folds_the_user_in():
+    from training.harness import SUPPORT_SIZES, fit_context
+    from training.splits import Protocol, build_tasks, make_splits
+
+    data = generate_synthetic(seed=4, n_users=150, n_items=60)
+    split = make_splits(data, Protocol())[0]
+    ctx = fit_context(data, split, SUPPORT_SIZES)
+    method = FunkSVD(
+        grid=(SVDConfig(factors=4, epochs=5), SVDConfig(factors=4, epochs=5, reg=0.5)),
+        bias_penalty_grid=(5.0,),
+        factor_penalty_grid=(1.0, 1e6),
+    )
+    method.fit(ctx)
+    assert method.chosen["factors"] == 4 and method.chosen["reg"] in (0.02, 0.5)
+    tasks = build_tasks(data, split, split.test_users[:5])
+    predictions = method.predict(tasks)
+    for t, pred, user in zip(tasks, predictions, method.user_parameters(tasks)):
+        bias, factors = method._items(t.query_items)
+        np.testing.assert_allclose(pred, method.mu + user[0] + bias + factors @ user[1:])
+    # with an overwhelming factor penalty the fold-in is BaselineOnly-like: factors ~ 0
+    method.factor_penalty = 1e9
+    assert np.abs(method.user_parameters(tasks)[:, 1:]).max() < 1e-6

@@ -221,7 +221,7 @@ def test_splits_writes_split_files(tmp_path, capsys):
 
 def test_evaluate_writes_report_summary_and_results(tmp_path, capsys):
     out_dir = tmp_path / "eval"
-    args = ["evaluate", "--methods", "global_mean,item_mean,bias", "--dataset", "synthetic"]
+    args = ["evaluate", "--methods", "global_mean,item_mean,bias", "--reference", "bias", "--dataset", "synthetic"]
     args += ["--synthetic-users", "300", "--folds", "2", "--no-progress", "--out", str(out_dir)]
     assert main(args) == 0
     assert capsys.readouterr().out.strip() == f"report: {out_dir / 'report.md'}"
@@ -248,7 +248,7 @@ def test_evaluate_reference_must_be_a_method(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--methods", "global_mean", "--synthetic-users", "60", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "--reference bias must be one of --methods" in capsys.readouterr().err
+    assert "--reference baseline_only must be one of --methods" in capsys.readouterr().err
 
 
 def test_evaluate_bad_support_sizes_exit_2(tmp_path, capsys):
@@ -293,3 +293,60 @@ def test_push_summary_to_a_dead_gateway_raises(gateway):
     gateway.close()
     with pytest.raises(OSError):
         push_summary(url, "m", {"meta_steps": 1, "training_wall_time_s": 1.0, "best_validation_loss": 1.0}, timeout_s=5)
+
+
+# --- evaluate --protocol topn -----------------------------------------------------------------
+
+
+def test_evaluate_topn_writes_report_summary_and_results(tmp_path, capsys):
+    out_dir = tmp_path / "topn"
+    args = ["evaluate", "--protocol", "topn", "--dataset", "synthetic", "--synthetic-users", "200"]
+    args += ["--synthetic-items", "120", "--only-folds", "0", "--no-progress", "--out", str(out_dir)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == f"report: {out_dir / 'report.md'}"
+    rows = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"popular", "itemknn", "ease", "ials"}
+    assert {r["support_size"] for r in rows} == {"0", "1", "3", "5", "10", "20"}
+    assert {r["relevance"] for r in rows} == {"later", "liked"}
+    assert {r["fold"] for r in rows} == {0}
+    for row in rows:
+        assert 0.0 <= row["recall@20"] <= 1.0 and 0.0 <= row["ndcg@10"] <= 1.0 and row["n_relevant"] >= 1
+    # the same users for every method at each (section, K): paired
+    users = {}
+    for row in rows:
+        users.setdefault((row["scenario"], row["support_size"], row["method"]), set()).add(row["user"])
+    for (section, k, _), group in users.items():
+        assert group == users[(section, k, "ease")]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["reference"] == "ease"
+    assert {c["method"] for c in summary["coverage"]} == {"popular", "itemknn", "ease", "ials"}
+    assert all(0.0 < c["coverage@20"] <= 1.0 for c in summary["coverage"])
+    assert {s["method"] for s in summary["settings"]} == {"itemknn", "ease", "ials"}
+    metrics = set(summary["rows"][0]["metrics"])
+    assert metrics == {"recall@10", "recall@20", "ndcg@10", "ndcg@20", "popularity@20"}
+    report = (out_dir / "report.md").read_text()
+    assert "## Scenario: new_users (liked: label >= 4)" in report and "### Recall@20" in report
+    assert "Catalog coverage@20" in report and "Chosen hyper-parameters" in report
+    assert (out_dir / "new_users_recall_20.png").stat().st_size > 0
+
+
+def test_evaluate_topn_usage_errors(tmp_path, capsys):
+    base = ["evaluate", "--synthetic-users", "60", "--out", str(tmp_path)]
+    for extra, message in (
+        (["--protocol", "topn", "--methods", "popular,bias"], "unknown top-N methods ['bias']"),
+        (["--protocol", "topn", "--methods", "popular"], "--reference ease must be one of --methods"),
+        (["--protocol", "topn", "--methods", "popular", "--reference", "popular", "--support-sizes", "1,all"], "integer >= 0"),
+        (["--liked-threshold", "4"], "--liked-threshold is for --protocol topn"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(base + extra)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_evaluate_topn_liked_threshold_outside_the_rating_range_exits_2(tmp_path, capsys):
+    args = ["evaluate", "--protocol", "topn", "--methods", "popular", "--reference", "popular"]
+    args += ["--synthetic-users", "60", "--liked-threshold", "9", "--out", str(tmp_path)]
+    assert main(args) == 2
+    (line,) = error_lines(capsys)
+    assert "liked threshold 9 must lie in (1, 5]" in line

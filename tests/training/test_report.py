@@ -129,6 +129,29 @@ def test_summarise_rejects_duplicate_rows() -> None:
 def test_support_sizes_are_ordered_numerically_with_all_last() -> None:
     shuffled = ["all", "20", "3", "10", "1", "5"]
     assert sorted(shuffled, key=support_size_key) == ["1", "3", "5", "10", "20", "all"]
+    assert sorted(["20", "2", "0", "7"], key=support_size_key) == ["0", "2", "7", "20"]
+
+
+def test_top_n_rows_get_top_n_metrics_and_no_best_popularity(tmp_path) -> None:
+    rows = []
+    for method, recall, popularity in (("ease", 0.30, 97.0), ("popular", 0.20, 99.0)):
+        for user, jitter in (("u1", 0.0), ("u2", 0.1), ("u3", -0.05)):
+            rows.append(
+                {"scenario": "new_users", "fold": 0, "support_size": "0", "method": method, "user": user,
+                 "recall@10": recall + jitter, "recall@20": recall + jitter, "ndcg@10": recall, "ndcg@20": recall,
+                 "popularity@20": popularity + jitter}
+            )
+    (_, popular) = summarise(rows, reference="ease")
+    assert list(popular["metrics"]) == ["recall@10", "recall@20", "ndcg@10", "ndcg@20", "popularity@20"]
+    assert popular["metrics"]["recall@20"]["diff"] == pytest.approx(-0.10)
+    assert popular["metrics"]["popularity@20"]["diff"] == pytest.approx(2.0)
+    path = write_report(rows, tmp_path, reference="ease", title="t", extra_summary={"coverage": [{"x": 1}]})
+    text = path.read_text(encoding="utf-8")
+    assert "### Recall@20" in text and "### Popularity percentile@20" in text and "Recall@N = hits" in text
+    popularity_table = text.split("### Popularity percentile@20")[1]
+    assert "**" not in popularity_table  # neither direction is "best"
+    assert "| ease | **0.3167** (reference) |" in text  # higher recall is best
+    assert json.loads((tmp_path / "summary.json").read_text())["coverage"] == [{"x": 1}]
 
 
 def _report_rows() -> list[ResultRow]:
