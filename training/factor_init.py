@@ -104,7 +104,7 @@ class EngagementStart:
     second_moment: np.ndarray  # (factors,) mean of P_ik^2 over the training interactions
 
 
-def engagement_start(user_ids: np.ndarray, item_ids: np.ndarray, factors: int, seed: int = 0) -> EngagementStart:
+def engagement_start(user_ids: np.ndarray, item_ids: np.ndarray, factors: int, seed: int = 0, singular_power: float = 0.0) -> EngagementStart:
     """Where the engagement head starts: each item's log-popularity (centred) and the right
     singular vectors of the binary user x item matrix, scaled so that their mean outer
     product over the items is the identity (PureSVD's item space: a new user's fold-in
@@ -122,8 +122,10 @@ def engagement_start(user_ids: np.ndarray, item_ids: np.ndarray, factors: int, s
     rank = min(factors, len(users), len(items))
     matrix = torch.sparse_coo_tensor(torch.from_numpy(pairs), torch.ones(pairs.shape[1], dtype=torch.float64), (len(users), len(items)))
     torch.manual_seed(seed)
-    _, _, v = torch.svd_lowrank(matrix, q=rank, niter=6)  # (items, rank)
+    _, singular, v = torch.svd_lowrank(matrix, q=rank, niter=6)  # (items, rank)
+    weights = singular.numpy() ** singular_power
+    weights = weights / np.sqrt(np.mean(weights**2))  # mean diagonal of the items' mean outer product: 1
     item_factors = np.zeros((len(items), factors))
-    item_factors[:, :rank] = v.numpy() * np.sqrt(len(items))
+    item_factors[:, :rank] = v.numpy() * weights * np.sqrt(len(items))
     moment = np.maximum(np.mean(item_factors[pairs[1]] ** 2, axis=0), 1e-4)
     return EngagementStart(np.concatenate([popularity[:, None], item_factors], axis=1), items.tolist(), moment)

@@ -67,6 +67,43 @@ class MetaLearned:
 
 
 @dataclass
+class MetaLearnedTopN:
+    """The served model as a top-N method: meta-trained exactly as `train` does (rating head,
+    then the engagement head), ranking the catalog by the engagement logits Recommend uses."""
+
+    name: str
+    model_config: M.ModelConfig
+    inner_config: InnerLoopConfig
+    train_config: TrainConfig
+    progress: bool = False
+    model: AdaptedModel | None = None
+    catalog: EncodedCatalog | None = None
+    chosen: dict = field(default_factory=dict)
+
+    def fit(self, context: FitContext) -> None:
+        self.model, result, prep = meta_train(
+            context.dataset,
+            context.train,
+            context.valid_tasks,
+            self.model_config,
+            self.inner_config,
+            replace(self.train_config, seed=context.seed),
+            progress=self.progress,
+        )
+        self.catalog = prep.catalog
+        self.chosen = {
+            "engagement_steps": result.engagement_steps,
+            "validation_recall_at_20": round(result.engagement_recall or 0.0, 4),
+            "attribute_prior": self.model.model_config.attribute_prior,
+        }
+        log.info("%s: %s", self.name, self.chosen)
+
+    def score_catalog(self, tasks: Sequence[Task], items: np.ndarray) -> np.ndarray:
+        assert self.model is not None and self.catalog is not None, "fit() first"
+        return self.model.score_catalog(self.catalog, tasks, self.catalog.rows(list(items)))
+
+
+@dataclass
 class FineTuned:
     """The network trained without adaptation, then fine-tuned per user with plain SGD.
 

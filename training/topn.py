@@ -495,8 +495,9 @@ TOPN_METHOD_HELP = {
     "itemknn": "item-kNN: cosine on the binary user-item matrix, neighbourhood size and shrinkage tuned",
     "ease": "EASE (Steck 2019): closed-form item-item ridge, zero diagonal, lambda tuned",
     "ials": "implicit ALS (Hu, Koren & Volinsky), item factors by the implicit package, the user folded in by a ridge solve",
+    "warmstart": "the served model: meta-learned engagement head (implicit fold-in in the inner loop, listwise meta-training)",
 }
-DEFAULT_TOPN_METHODS = "popular,itemknn,ease,ials"
+DEFAULT_TOPN_METHODS = "popular,itemknn,ease,ials,warmstart"
 DEFAULT_TOPN_REFERENCE = "ease"
 
 
@@ -521,4 +522,13 @@ def make_topn_methods(names: Sequence[str], train_config=None, inner_steps: int 
             out.append(B.EASE())
         elif name == "ials":
             out.append(B.ImplicitALS())
+        elif name == "warmstart":
+            from training.learners import learner_config
+            from training.methods import MetaLearnedTopN
+            from training.trainer import TrainConfig
+
+            from training import model as M
+
+            config = train_config or TrainConfig()
+            out.append(MetaLearnedTopN(name, M.served_config(), learner_config("warmstart", inner_steps), config, progress=progress))
     return out
