@@ -40,6 +40,9 @@ InteractionLike = tuple[str, float] | tuple[str, float, int] | pb.Interaction
 CandidateLike = str | pb.Candidate
 
 
+RANK_BY = {"auto": pb.RANK_BY_UNSPECIFIED, "engagement": pb.RANK_BY_ENGAGEMENT, "rating": pb.RANK_BY_PREDICTED_RATING}
+
+
 @dataclass(frozen=True)
 class TlsOptions:
     """TLS to the server: its CA (None = system roots), and a client certificate for mTLS."""
@@ -104,8 +107,13 @@ class RecommenderClient:
         exclude_item_ids: Iterable[str] = (),
         request_id: str | None = None,
         timeout_s: float | None = None,
+        rank_by: str = "auto",
     ) -> pb.RecommendResponse:
-        """The top_k items for this user, best first (candidates empty = the whole catalog)."""
+        """The top_k items for this user, best first (candidates empty = the whole catalog).
+
+        rank_by: "auto" (engagement when the model has it), "engagement" or "rating"."""
+        if rank_by not in RANK_BY:
+            raise ValueError(f"rank_by must be one of {sorted(RANK_BY)}, got {rank_by!r}")
         request = pb.RecommendRequest(
             request_id=request_id or uuid.uuid4().hex,
             user_attributes=dict(user_attributes or {}),
@@ -113,6 +121,7 @@ class RecommenderClient:
             top_k=top_k,
             exclude_interacted=exclude_interacted,
             exclude_item_ids=list(exclude_item_ids),
+            rank_by=RANK_BY[rank_by],
         )
         _set_items(request.candidate_ids, request.candidates, candidates)
         return self._call(self._stub.Recommend, request, timeout_s)
@@ -224,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--top-k", type=int, default=10, help="items to return; 0 = all (default 10)")
     recommend.add_argument("--exclude-interacted", action="store_true", help="drop the items the user interacted with")
     recommend.add_argument("--exclude", action="append", default=[], metavar="ITEM", help="drop this item (repeat)")
+    recommend.add_argument(
+        "--rank-by", choices=sorted(RANK_BY), default="auto", help="order by engagement or predicted rating (default auto: engagement when the model has it)"
+    )
     commands.add_parser("score", parents=[common, user], help="score the candidates, in order")
     commands.add_parser("model", parents=[common], help="describe the model being served")
     health = commands.add_parser("health", parents=[common], help="grpc.health.v1 status")
@@ -262,7 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 candidates = [pb.Candidate(item_id=c, item_attributes=attributes[c]) if c in attributes else c for c in args.candidate]
                 if args.command == "recommend":
                     response = client.recommend(
-                        interactions, candidates, dict(args.user), args.top_k, args.exclude_interacted, args.exclude, args.request_id
+                        interactions,
+                        candidates,
+                        dict(args.user),
+                        args.top_k,
+                        args.exclude_interacted,
+                        args.exclude,
+                        args.request_id,
+                        rank_by=args.rank_by,
                     )
                 else:
                     response = client.score(candidates, interactions, dict(args.user), args.request_id)

@@ -83,6 +83,8 @@ def prepare(
     bias = BiasBaseline()
     bias.fit(_bias_context(dataset, train, valid_tasks, support_sizes))
     user_shrinkage = max(bias.user_shrinkage, 0.5)
+    if model_config.item_biases == "als" and dataset.label.kind == "rating":
+        user_shrinkage = model_config.bias_reg_user  # the inner loop starts at BaselineOnly's fold-in
     stats, moment = item_side(dataset, train, schema, catalog, bias.item_shrinkage, user_shrinkage, model_config)
     if model_config.attribute_prior == "on":
         stats = with_attribute_prior(stats, schema, catalog, ItemStats.of(train), bias.item_shrinkage, model_config.attribute_prior_l2)
@@ -182,36 +184,76 @@ def item_side(
     user_shrinkage: float,
     config: M.ModelConfig,
 ) -> tuple[M.DataStats, np.ndarray | None]:
-    """The item side fitted on `train`: base biases (shrunk toward the mean) and ALS factors."""
+    """The item side fitted on `train`: base biases (shrunk toward the mean, or fitted jointly
+    with the users' by ALS: config.item_biases) and ALS factors of what they leave unexplained."""
     stats = ItemStats.of(train)
     id_field = schema.item_id_field
     base = torch.zeros(id_field.num_codes if id_field is not None else 0)
     mean = stats.mean
     if dataset.label.kind == "click":
         mean = logit(stats.mean)
+    joint = joint_biases(train, config) if config.item_biases == "als" and dataset.label.kind == "rating" else None
     if id_field is not None:
-        shrunk = stats.shrunk_means(list(id_field.vocabulary), item_shrinkage)
-        if dataset.label.kind == "click":
-            shrunk = np.array([logit(p) for p in shrunk])
-        base[2:] = torch.from_numpy(shrunk - mean).float()
+        if joint is not None:
+            mean = joint.mu
+            base[2:] = torch.from_numpy(joint.item_bias(list(id_field.vocabulary))).float()
+        else:
+            shrunk = stats.shrunk_means(list(id_field.vocabulary), item_shrinkage)
+            if dataset.label.kind == "click":
+                shrunk = np.array([logit(p) for p in shrunk])
+            base[2:] = torch.from_numpy(shrunk - mean).float()
     data_stats = M.DataStats(mean, base, len(train))
     moment = None
     if config.kind == "bias_factor" and config.factor_init == "als" and id_field is not None and dataset.label.kind == "rating":
-        factors, moment = _als_start(train, stats, item_shrinkage, user_shrinkage, id_field, config)
+        if joint is not None:
+            residual = train.labels - joint.mu - joint.item_bias(train.item_ids) - joint.user_bias_of(train.user_ids)
+        else:
+            residual = _bias_residual(train, stats, item_shrinkage, user_shrinkage)
+        factors, moment = _als_start(train, residual, id_field, config)
         data_stats.item_factors = factors
     return data_stats, moment
 
 
-def _als_start(train: Dataset, stats: ItemStats, item_shrinkage: float, user_shrinkage: float, id_field, config: M.ModelConfig):
-    """Item-id factors from ALS on what the bias baseline leaves unexplained (see factor_init)."""
-    from training.factor_init import als_item_factors
+@dataclass
+class JointBiases:
+    """Item and user biases fitted jointly by regularised ALS on the training ratings."""
 
-    item_prediction = stats.shrunk_means(train.item_ids, item_shrinkage)
-    residual = train.labels - item_prediction
+    mu: float
+    codes: dict[str, int]
+    item_biases: np.ndarray
+    user_codes: dict[str, int]
+    user_biases: np.ndarray
+
+    def item_bias(self, items: Sequence[str]) -> np.ndarray:
+        """Each item's bias; 0 for an item training has no rating of."""
+        return np.fromiter((self.item_biases[self.codes[i]] if i in self.codes else 0.0 for i in items), np.float64, len(items))
+
+    def user_bias_of(self, users: Sequence[str]) -> np.ndarray:
+        return np.fromiter((self.user_biases[self.user_codes[u]] for u in users), np.float64, len(users))
+
+
+def joint_biases(train: Dataset, config: M.ModelConfig) -> JointBiases:
+    """BaselineOnly's fit (ALS, 10 epochs) with the model's regularisation weights."""
+    from training.baselines import Encoded, als_biases
+
+    data = Encoded.of(train)
+    mu, user_bias, item_bias = als_biases(data, config.bias_reg_item, config.bias_reg_user, epochs=10)
+    return JointBiases(mu, data.item_code, item_bias, {u: c for c, u in enumerate(data.user_ids.tolist())}, user_bias)
+
+
+def _bias_residual(train: Dataset, stats: ItemStats, item_shrinkage: float, user_shrinkage: float) -> np.ndarray:
+    """What the shrunk item mean and a ridge user bias leave unexplained."""
+    residual = train.labels - stats.shrunk_means(train.item_ids, item_shrinkage)
     users, index = np.unique(train.user_ids, return_inverse=True)
     sums = np.bincount(index, weights=residual, minlength=len(users))
     counts = np.bincount(index, minlength=len(users))
-    residual = residual - (sums / (counts + user_shrinkage))[index]
+    return residual - (sums / (counts + user_shrinkage))[index]
+
+
+def _als_start(train: Dataset, residual: np.ndarray, id_field, config: M.ModelConfig):
+    """Item-id factors from ALS on what the biases leave unexplained (see factor_init)."""
+    from training.factor_init import als_item_factors
+
     result = als_item_factors(train.user_ids, train.item_ids, residual, config.factors, config.als_l2, seed=0)
     table = torch.zeros(id_field.num_codes, config.factors)
     for code, item in enumerate(id_field.vocabulary, start=2):

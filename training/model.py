@@ -72,6 +72,13 @@ class ModelConfig:
     # a listwise loss over the catalog; the inner loop adapts the user's engagement factors.
     engagement_factors: int = 0
     engagement_l2: float = 1.0  # L2 weight on the engagement item tables (per training interaction)
+    # bias_factor, ratings: where the item biases start. "shrunk_mean": each item's mean
+    # shrunk toward the global mean; "als": item and user biases fitted jointly by
+    # regularised ALS (the standard BaselineOnly, reg_i / reg_u below), so an item's bias is
+    # not confounded with the biases of the users who happened to rate it.
+    item_biases: Literal["shrunk_mean", "als"] = "shrunk_mean"
+    bias_reg_item: float = 10.0
+    bias_reg_user: float = 15.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("bias_factor", "mlp"):
@@ -88,6 +95,10 @@ class ModelConfig:
             raise ValueError("factors, embedding_dim and hidden widths must be positive (hidden non-empty)")
         if self.id_l2 < 0 or self.attribute_l2 < 0 or self.init_scale < 0 or self.engagement_l2 < 0:
             raise ValueError("id_l2, attribute_l2, engagement_l2 and init_scale must be >= 0")
+        if self.item_biases not in ("shrunk_mean", "als"):
+            raise ValueError(f"item_biases must be 'shrunk_mean' or 'als', got {self.item_biases!r}")
+        if self.bias_reg_item <= 0 or self.bias_reg_user <= 0:
+            raise ValueError("bias_reg_item and bias_reg_user must be positive")
         if self.engagement_factors < 0:
             raise ValueError(f"engagement_factors must be >= 0, got {self.engagement_factors}")
         if self.engagement_factors and self.kind != "bias_factor":
@@ -126,7 +137,7 @@ def served_config(**overrides) -> ModelConfig:
     """The model `train` exports by default (and the harness's `warmstart` method): bias +
     factors for ratings, the attribute prior's weight chosen by validation users, and the
     engagement head Recommend ranks by."""
-    return ModelConfig(**{"attribute_prior": "tune", "engagement_factors": 32, **overrides})
+    return ModelConfig(**{"attribute_prior": "tune", "engagement_factors": 32, "item_biases": "als", **overrides})
 
 
 @dataclass

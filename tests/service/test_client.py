@@ -26,6 +26,14 @@ def test_library_calls(shared_server, item_ids):
         assert [i.item_id for i in scores.items] == item_ids[5:8]
         new_item = pb.Candidate(item_id="brand-new", item_attributes={"genres": "drama"})
         assert client.score(items=[new_item]).adaptation.unknown_items[0].item_id == "brand-new"
+        by_rating = client.recommend(interactions=[(item_ids[0], 5.0)], candidates=item_ids[10:40], top_k=30, rank_by="rating")
+        ratings = [i.score for i in by_rating.items]
+        assert ratings == sorted(ratings, reverse=True)
+        by_engagement = client.recommend(interactions=[(item_ids[0], 5.0)], candidates=item_ids[10:40], top_k=30, rank_by="engagement")
+        engagement = [i.engagement for i in by_engagement.items]
+        assert engagement == sorted(engagement, reverse=True)
+        with pytest.raises(ValueError, match="rank_by"):
+            client.recommend(rank_by="loudness")
 
 
 def test_library_errors_carry_the_fields(shared_server):
