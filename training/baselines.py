@@ -38,7 +38,7 @@ class ItemStats:
     def of(train: Dataset) -> "ItemStats":
         if len(train) == 0:
             raise ValueError("no training interactions to compute item statistics from")
-        items, inverse = np.unique(train.item_ids, return_inverse=True)
+        items, inverse = train.factorized("item_ids")
         sums = np.bincount(inverse, weights=train.labels, minlength=len(items))
         counts = np.bincount(inverse, minlength=len(items))
         return ItemStats(

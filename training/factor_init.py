@@ -44,8 +44,8 @@ def _groups(index: np.ndarray, count: int) -> list[np.ndarray]:
 
 
 def als_item_factors(
-    user_ids: np.ndarray,
-    item_ids: np.ndarray,
+    user_ids: np.ndarray | tuple[np.ndarray, np.ndarray],
+    item_ids: np.ndarray | tuple[np.ndarray, np.ndarray],
     residual: np.ndarray,
     factors: int,
     l2: float = 10.0,
@@ -55,8 +55,9 @@ def als_item_factors(
     """Item factors of a rank-`factors` ridge factorisation of the residuals."""
     if factors < 1 or l2 <= 0 or iterations < 1:
         raise ValueError("factors and iterations must be >= 1 and l2 > 0")
-    users, user_index = np.unique(user_ids, return_inverse=True)
-    items, item_index = np.unique(item_ids, return_inverse=True)
+    # Either id arrays or their (distinct, codes) factorisation (Dataset.factorized).
+    users, user_index = user_ids if isinstance(user_ids, tuple) else np.unique(user_ids, return_inverse=True)
+    items, item_index = item_ids if isinstance(item_ids, tuple) else np.unique(item_ids, return_inverse=True)
     rng = np.random.default_rng(seed)
     user_factors = rng.normal(0.0, 0.1, (len(users), factors))
     item_factors = rng.normal(0.0, 0.1, (len(items), factors))

@@ -113,7 +113,7 @@ def prepare(
     biases and seed the inner loop's offset and pull. For the bias_factor model with a
     frozen item side, episodes are cross-fitted (see EpisodeSource).
     """
-    schema = build_schema(dataset, np.unique(train.item_ids), use_item_id=model_config.use_item_id)
+    schema = build_schema(dataset, train.factorized("item_ids")[0], use_item_id=model_config.use_item_id)
     catalog = EncodedCatalog(schema, dataset)
     bias = BiasBaseline()
     bias.fit(_bias_context(dataset, train, valid_tasks, support_sizes))
@@ -127,11 +127,10 @@ def prepare(
         schema, catalog, sampler, stats, user_shrinkage, moment, item_stats=ItemStats.of(train), item_shrinkage=bias.item_shrinkage
     )
     if model_config.kind == "bias_factor" and model_config.cross_fit and _item_side_frozen(model_config):
-        users = np.unique(train.user_ids)
+        users, user_codes = train.factorized("user_ids")
         halves = np.random.default_rng([train_config.seed, 7]).permutation(len(users)) % 2
         for half in (0, 1):
-            own = set(users[halves == half].tolist())
-            is_own = np.fromiter((u in own for u in train.user_ids), bool, len(train))
+            is_own = (halves == half)[user_codes]
             other_train = train.subset(~is_own)
             other_stats, _ = item_side(dataset, other_train, schema, catalog, bias.item_shrinkage, user_shrinkage, model_config)
             if model_config.attribute_prior == "on":
@@ -185,13 +184,14 @@ def _als_start(train: Dataset, stats: ItemStats, item_shrinkage: float, user_shr
     """Item-id factors from ALS on what the bias baseline leaves unexplained (see factor_init)."""
     from training.factor_init import als_item_factors
 
-    item_prediction = stats.shrunk_means(train.item_ids, item_shrinkage)
+    distinct_items, item_codes = train.factorized("item_ids")
+    item_prediction = stats.shrunk_means(distinct_items.tolist(), item_shrinkage)[item_codes]  # per distinct item, then gathered
     residual = train.labels - item_prediction
-    users, index = np.unique(train.user_ids, return_inverse=True)
+    users, index = train.factorized("user_ids")
     sums = np.bincount(index, weights=residual, minlength=len(users))
     counts = np.bincount(index, minlength=len(users))
     residual = residual - (sums / (counts + user_shrinkage))[index]
-    result = als_item_factors(train.user_ids, train.item_ids, residual, config.factors, config.als_l2, seed=0)
+    result = als_item_factors((users, index), train.factorized("item_ids"), residual, config.factors, config.als_l2, seed=0)
     table = torch.zeros(id_field.num_codes, config.factors)
     for code, item in enumerate(id_field.vocabulary, start=2):
         if item in result.item_factors:
