@@ -31,6 +31,7 @@ from training.features import FeatureSchema, build_schema
 from training.harness import FitContext
 from training.inner_loop import InnerLoopConfig
 from training.splits import Task
+from training.distributed import Collective
 from training.trainer import AdaptedModel, MetaTrainer, TrainConfig, TrainResult, validation_loss
 
 log = logging.getLogger(__name__)
@@ -278,8 +279,12 @@ def meta_train(
     checkpoint_dir: Path | None = None,
     log_path: Path | None = None,
     progress: bool = False,
+    collective: Collective | None = None,
 ) -> tuple[AdaptedModel, TrainResult, Prepared]:
-    """Prepares and meta-trains one model; returns the best model, the run's record and the prep."""
+    """Prepares and meta-trains one model; returns the best model, the run's record and the prep.
+
+    With a Collective over several processes every process prepares the same data and
+    meta-trains its share of each meta-batch (training.distributed)."""
     prep = prepare(dataset, train, valid_tasks, model_config, train_config, support_sizes)
     params = M.init_params(model_config, prep.schema, prep.stats, seed=train_config.seed)
     if (
@@ -311,6 +316,7 @@ def meta_train(
         progress=progress,
         fingerprint=train.fingerprint(),
         sources=[(source.sampler, source.item_params) for source in prep.sources],
+        collective=collective,
     )
     result = trainer.run(log_path=log_path)
     adapted = AdaptedModel(model_config, inner_config, prep.schema, dataset.label, result.params)
