@@ -12,6 +12,7 @@ import yaml
 from service.config import ServiceConfig, unknown_environment
 from service.server import HEALTH_SERVICES
 from tests.ops.conftest import OPS
+from tests.ops.test_dockerfile import stages
 
 KUBERNETES = OPS / "kubernetes"
 MANIFESTS = sorted(KUBERNETES.glob("*.yaml"))
@@ -205,7 +206,10 @@ def test_training_job_writes_into_the_repository_the_deployments_serve():
     pod = training_job()["spec"]["template"]["spec"]
     server = next(d for d in deployments() if d["metadata"]["name"] == "warmstart")
     server_env = environment(server)
-    assert c["image"] == container(server)["image"]  # the same image holds training and serving
+    # The server's image with training's dependencies: the Dockerfile's train variant.
+    name, _, tag = c["image"].partition(":")
+    assert name == container(server)["image"].partition(":")[0] and tag == "train"
+    assert "build-train" in stages() and "${VARIANT}" in stages()["build"].base
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     repository = mounts[str(train.repository)]
     assert not repository.get("readOnly", False)
