@@ -220,3 +220,16 @@ def test_torchrun_train_writes_one_verified_artifact_from_rank_0(tmp_path):
     checkpoint = json.loads((repository / ".work" / "t" / "checkpoint" / "checkpoint.json").read_text())
     assert checkpoint["world_size"] == 2 and checkpoint["step"] == 6
     assert "rank 1/2" in done.stderr  # both ranks ran (and logged as such)
+
+
+def test_export_under_torchrun_is_rank_0s_alone(tmp_path, monkeypatch, capsys):
+    from training.cli import main
+
+    command = ["export", "--checkpoint", str(tmp_path / "none"), "--repository", str(tmp_path / "repository")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(command) == 0  # rank 1 leaves the export to rank 0: it reads and writes nothing
+    assert not (tmp_path / "repository").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert main(command) == 2  # rank 0 does the export (and here finds no checkpoint)
+    assert "no checkpoint.json" in capsys.readouterr().err
