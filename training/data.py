@@ -178,14 +178,13 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
 
 
 def _csv_table(
-    path: Path, required: Iterable[str], encoding: str = "utf-8-sig", text: str | None = None
+    path: Path, required: Iterable[str], encoding: str = "utf-8-sig"
 ) -> tuple[int, list[str], Iterator[tuple[int, list[str]]]]:
     """The header line and header of a CSV file (checked for required columns), and its rows.
 
-    Rows are checked for the header's number of fields as they are read. `text`: the file's
-    content when the caller has already read it.
+    Rows are checked for the header's number of fields as they are read.
     """
-    text = _read_text(path, encoding) if text is None else text
+    text = _read_text(path, encoding)
     rows = _csv_rows(path, text)
     line, header = next(rows)  # _read_text refused a file with no content
     if len(set(header)) != len(header):
@@ -588,23 +587,13 @@ def load_generic(
         raise ValueError(f"multi_valued names field(s) no attribute file has: {', '.join(sorted(unknown))}")
 
     columns = ("user", "item", "label", "timestamp")
-    text = _read_text(interactions_path, "utf-8-sig")
-    header_line, header, rows = _csv_table(interactions_path, columns, text=text)
+    header_line, header, rows = _csv_table(interactions_path, columns)
     extra = [column for column in header if column not in columns]
     if extra:
         raise DataError(
             str(interactions_path), f"unexpected column(s) {', '.join(extra)}; expected {','.join(columns)}", header_line
         )
     user_col, item_col, label_col, time_col = (header.index(c) for c in columns)
-    known_users = users.values if user_attributes_csv is not None else None
-    known_items = items.values if item_attributes_csv is not None else None
-    columnar = _columnar_interactions(text, header, label, known_users, known_items)
-    if columnar is not None:
-        user_ids, item_ids, labels, timestamps, codes, duplicates = columnar
-        _warn_dropped(duplicates, interactions_path, "rows")
-        name = name or interactions_path.stem
-        return Dataset(name, label, user_ids, item_ids, labels, timestamps, users, items, _codes=codes)
-    # Some row has a problem: read row by row, which names the first one and its line.
     interactions = _Interactions(interactions_path, label)
     for line, row in rows:
         user, item = row[user_col], row[item_col]
@@ -614,84 +603,6 @@ def load_generic(
             raise DataError(str(interactions_path), f"item {item!r} is not in {item_attributes_csv}", line)
         interactions.add(line, user, item, row[label_col], row[time_col].strip())
     return interactions.finish(name or interactions_path.stem, users, items)
-
-
-CSV_CHUNK_ROWS = 1 << 20  # records parsed into columns at once: bounds the parser's lists
-
-
-def _columnar_interactions(
-    text: str,
-    header: list[str],
-    label: LabelSpec,
-    known_users: dict | None,
-    known_items: dict | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict, int] | None:
-    """The interactions of a generic CSV, checked column by column; None if any row fails a
-    check (then the row-by-row reader, which names the line, runs instead).
-
-    The same checks and the same result as _Interactions row by row: csv's C parser, then
-    numpy over whole columns (float() and int() mapped in C), ids factorised once so every
-    row shares its id's string, exact duplicates dropped after their first occurrence.
-    Returns (user_ids, item_ids, labels, timestamps, factorisations, dropped duplicates).
-    """
-    import itertools
-
-    from training.dataset import _compress, factorize
-
-    width = len(header)
-    index = {c: header.index(c) for c in ("user", "item", "label", "timestamp")}
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in index}
-    reader = filter(None, csv.reader(io.StringIO(text, newline=""), strict=True))  # blank records are []
-    try:
-        next(reader)  # the header, checked by the caller
-        while True:
-            chunk = list(itertools.islice(reader, CSV_CHUNK_ROWS))
-            if not chunk:
-                break
-            if set(map(len, chunk)) != {width}:
-                return None
-            columns = list(zip(*chunk))
-            del chunk
-            for c in ("user", "item"):
-                parts[c].append(np.array(columns[index[c]], dtype=object))
-            parts["label"].append(np.fromiter(map(float, columns[index["label"]]), np.float64, len(columns[0])))
-            parts["timestamp"].append(
-                np.fromiter(map(int, map(str.strip, columns[index["timestamp"]])), np.int64, len(columns[0]))
-            )
-    except (csv.Error, ValueError, OverflowError):  # malformed CSV, a bad number, beyond int64
-        return None
-    if not parts["user"]:
-        return None
-    user_ids, item_ids = np.concatenate(parts["user"]), np.concatenate(parts["item"])
-    labels, timestamps = np.concatenate(parts["label"]), np.concatenate(parts["timestamp"])
-    del parts
-    if not np.isfinite(labels).all():
-        return None
-    if label.kind == "click":
-        if not np.isin(labels, (0.0, 1.0)).all():
-            return None
-    elif not ((labels >= label.min_value) & (labels <= label.max_value)).all():
-        return None
-    users, user_codes = factorize(user_ids)
-    items, item_codes = factorize(item_ids)
-    for distinct, known in ((users, known_users), (items, known_items)):
-        if not all(map(len, distinct.tolist())) or (known is not None and not all(map(known.__contains__, distinct.tolist()))):
-            return None  # an empty id, or one the attribute file lacks
-    # Exact duplicates: equal (user, item, timestamp); the first occurrence stays.
-    order = np.lexsort((np.arange(len(labels)), timestamps, item_codes, user_codes))
-    same = (
-        (np.diff(user_codes[order]) == 0) & (np.diff(item_codes[order]) == 0) & (np.diff(timestamps[order]) == 0)
-    )  # order[i + 1] repeats order[i]
-    duplicates = int(same.sum())
-    if duplicates:
-        if (labels[order][1:][same] != labels[order][:-1][same]).any():
-            return None  # one key, two labels: an error the row reader reports with both lines
-        keep = np.ones(len(labels), dtype=bool)
-        keep[order[1:][same]] = False
-        user_codes, item_codes, labels, timestamps = user_codes[keep], item_codes[keep], labels[keep], timestamps[keep]
-        (users, user_codes), (items, item_codes) = _compress(users, user_codes), _compress(items, item_codes)
-    codes = {"user_ids": (users, user_codes), "item_ids": (items, item_codes)}
-    return users[user_codes], items[item_codes], labels, timestamps, codes, duplicates
 
 
 # ---------------------------------------------------------------------------------------

@@ -507,26 +507,3 @@ def test_real_ml100k() -> None:
     assert set(np.unique(data.labels)) == {1.0, 2.0, 3.0, 4.0, 5.0}
     assert data.items.get("267") == {"genres": ("unknown",), "year": ()}  # the film with no date
     assert detect_kind(ML100K_DIR) == "ml-100k"
-
-
-def test_generic_columnar_reader_equals_the_row_by_row_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large files are read column by column; the result is what the row-by-row reader gives."""
-    import training.data as data_module
-    from training.synthetic import generate_synthetic
-
-    synthetic = generate_synthetic(seed=3, n_users=60, n_items=40)
-    rows = [f'"{u}",{i},{int(r)}, {t} ' for u, i, r, t in zip(synthetic.user_ids, synthetic.item_ids, synthetic.labels, synthetic.timestamps)]
-    rows[5:5] = [rows[3], "", rows[0]]  # exact duplicates (kept once) and a blank line
-    rows.append('"odd, ""quoted""\nid",i0001,3,7')  # a quoted id with a comma, quotes and a newline
-    path = write_text(tmp_path / "log.csv", "\ufeffuser,item,label,timestamp\n" + "\n".join(rows) + "\n")
-    label = LabelSpec("rating", 1, 5)
-    columnar = load_generic(path, label)
-    assert columnar._codes, "the columnar reader ran (it factorises the ids)"
-    monkeypatch.setattr(data_module, "_columnar_interactions", lambda *args: None)
-    by_row = load_generic(path, label)
-    assert not by_row._codes
-    assert len(columnar) == len(by_row) == len(synthetic) + 1
-    for column in ("user_ids", "item_ids", "labels", "timestamps"):
-        assert np.array_equal(getattr(columnar, column), getattr(by_row, column)), column
-    assert columnar.fingerprint() == by_row.fingerprint()
-    assert columnar.factorized("user_ids")[0].tolist() == sorted(set(by_row.user_ids.tolist()))
