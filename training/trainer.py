@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from training import model as M
@@ -338,14 +339,16 @@ class MetaTrainer:
         directory.mkdir(parents=True, exist_ok=True)
         tensors, meta = self._state()
         tmp = directory / "checkpoint.safetensors.tmp"
-        save_file(tensors, str(tmp))
+        # The metadata rides inside the tensors file as well, so one os.replace publishes the
+        # whole checkpoint; checkpoint.json, replaced after it, is a readable copy.
+        save_file(tensors, str(tmp), metadata={"checkpoint": json.dumps(meta)})
         os.replace(tmp, directory / "checkpoint.safetensors")
         tmp_json = directory / "checkpoint.json.tmp"
         tmp_json.write_text(json.dumps(meta, indent=1))
         os.replace(tmp_json, directory / "checkpoint.json")
 
     def load_checkpoint(self, directory: Path) -> None:
-        meta = json.loads((directory / "checkpoint.json").read_text())
+        meta = checkpoint_metadata(directory)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{directory}: unsupported checkpoint format {meta.get('format')!r}")
         mine = {
@@ -385,12 +388,20 @@ class MetaTrainer:
 
 def read_checkpoint(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, best parameters) of a finished or interrupted run, for export."""
-    meta = json.loads((directory / "checkpoint.json").read_text())
+    meta = checkpoint_metadata(directory)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{directory}: unsupported checkpoint format {meta.get('format')!r}")
     tensors = load_file(str(directory / "checkpoint.safetensors"))
     best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
     return meta, best
+
+
+def checkpoint_metadata(directory: Path) -> dict:
+    """The metadata stored inside checkpoint.safetensors (the unit the tensors belong to); a
+    checkpoint written before it was stored there has only checkpoint.json."""
+    with safe_open(str(directory / "checkpoint.safetensors"), "pt") as tensors:
+        embedded = (tensors.metadata() or {}).get("checkpoint")
+    return json.loads(embedded) if embedded is not None else json.loads((directory / "checkpoint.json").read_text())
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
