@@ -3,10 +3,13 @@
 #
 #   docker build -t warmstart:cpu .                                  # onnxruntime on CPU
 #   docker build -t warmstart:gpu --build-arg VARIANT=gpu .          # CUDA base, onnxruntime-gpu, torch CUDA engine
+#   docker build -t warmstart:train --build-arg VARIANT=train .      # + training's dependencies (torch, torchrun)
 #   docker run -p 50051:50051 -p 9464:9464 -v "$PWD/models:/models:ro" warmstart:cpu
 #
-# The image serves artifacts; it does not train (training's dependencies are not in it).
-# Put a model repository (`make run` leaves one in models/) on the /models volume.
+# The cpu and gpu images serve artifacts; they do not train (training's dependencies are not
+# in them). The train image is the cpu one plus the `train` extra: the training Job
+# (ops/kubernetes/training-job.yaml) runs torchrun in it. Put a model repository (`make run`
+# leaves one in models/) on the /models volume.
 #
 # The build stages run the Makefile's install steps (`make install`): the same pip lines in
 # the same order, with the service's extras only — tests/ops/test_dockerfile.py checks it.
@@ -18,6 +21,9 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 # --- bases: the Python the venv is built with is the Python it runs with --------------------
 FROM ${PYTHON_IMAGE} AS base-cpu
+ENV PYTHON=python3.11
+
+FROM ${PYTHON_IMAGE} AS base-train
 ENV PYTHON=python3.11
 
 FROM ${CUDA_IMAGE} AS base-gpu
@@ -51,6 +57,19 @@ RUN "$PYTHON" -m venv /opt/venv \
     && /opt/venv/bin/python -m pip install --quiet --upgrade pip \
     && /opt/venv/bin/python -m pip install --quiet "${TORCH_SPEC}" \
     && /opt/venv/bin/python -m pip install --quiet ".[torch-engine]"
+
+FROM base-train AS build-train
+ARG TORCH_SPEC=torch==2.13.0
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protos/ protos/
+COPY service/ service/
+COPY training/ training/
+RUN "$PYTHON" -m venv /opt/venv \
+    && /opt/venv/bin/python -m pip install --quiet --upgrade pip \
+    && /opt/venv/bin/python -m pip install --quiet "${TORCH_SPEC}" \
+    && /opt/venv/bin/python -m pip install --quiet ".[train]"
 
 FROM build-${VARIANT} AS build
 

@@ -17,7 +17,7 @@ import torch
 from training.dataset import Dataset
 from training.features import FeatureSchema, encode_users
 from training.inner_loop import Batch
-from training.splits import Task, user_rows
+from training.splits import Task, grouped_rows
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class EncodedCatalog:
         self._users = dataset.users
 
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:
-        return np.fromiter((self.row_of[i] for i in item_ids), np.int64, len(item_ids))
+        return np.fromiter(map(self.row_of.__getitem__, item_ids), np.int64, len(item_ids))
 
     def user_codes(self, user_ids: Sequence[str]) -> torch.Tensor:
         return torch.from_numpy(encode_users(self.schema, self._users, user_ids))
@@ -137,37 +137,56 @@ class EpisodeSampler:
         self.catalog = catalog
         self.config = config
         self.query = config.query if config.query != "auto" else ("later" if learns_item_side else "last")
-        per_user = user_rows(train)
-        cap = (config.max_user_interactions or None) if self.query == "last" else None
-        usable = sorted(u for u, r in per_user.items() if len(r) >= 2)
-        if not usable:
+        # Every user's history as one flat array in time order (CSR): a meta-step slices it,
+        # nothing per interaction is copied or looked up again.
+        users, offsets, rows = grouped_rows(train)
+        lengths = np.diff(offsets)
+        usable = lengths >= 2
+        if not usable.any():
             raise ValueError("no training user has two or more interactions: nothing to meta-train on")
-        self.users = [u for u in usable if cap is None or len(per_user[u]) <= cap]
-        if len(self.users) < max(1, len(usable) // 10):
+        cap = (config.max_user_interactions or None) if self.query == "last" else None
+        keep = usable & (lengths <= cap) if cap is not None else usable
+        if keep.sum() < max(1, int(usable.sum()) // 10):
             log.warning(
                 "only %d of %d training users have at most %d interactions: episodes use every user",
-                len(self.users),
-                len(usable),
+                int(keep.sum()),
+                int(usable.sum()),
                 cap,
             )
-            self.users = usable
-        self.item_rows = {u: catalog.rows(train.item_ids[per_user[u]]) for u in self.users}
-        self.labels = {u: train.labels[per_user[u]].astype(np.float32) for u in self.users}
+            keep = usable
+        self.users: list[str] = users[keep].tolist()  # sorted ids
+        self.starts = offsets[:-1][keep]  # (U,) each user's first position in the flat arrays
+        self.lengths = lengths[keep]  # (U,)
+        distinct, codes = train.factorized("item_ids")
+        self.flat_rows = catalog.rows(distinct.tolist())[codes[rows]]  # (N,) catalog rows, user-major, time order
+        self.flat_labels = train.labels[rows].astype(np.float32)  # (N,)
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    def sample(
+        self, rng: np.random.Generator, batch_size: int, shard: tuple[int, int] = (0, 1)
+    ) -> tuple[Batch, torch.Tensor, torch.Tensor]:
         """(batch, query_labels (B, Q), query_mask (B, Q)) for batch_size distinct users."""
-        episode = self.sample_episode(rng, batch_size)
+        episode = self.sample_episode(rng, batch_size, shard)
         return episode.batch, episode.query_labels, episode.query_mask
 
-    def sample_episode(self, rng: np.random.Generator, batch_size: int) -> Episode:
-        """Episodes for batch_size distinct users, with their items' catalog rows."""
+    def sample_episode(self, rng: np.random.Generator, batch_size: int, shard: tuple[int, int] = (0, 1)) -> Episode:
+        """Episodes for batch_size distinct users, with their items' catalog rows.
+
+        shard = (index, count): the episodes are drawn for the whole batch (the same random
+        draws whatever the count), and only the index-th of `count` contiguous blocks of it
+        is built: with one process per shard, the shards together are exactly the batch
+        one process would build.
+        """
         c = self.config
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f"shard {index} of {count} does not exist")
         chosen = rng.choice(len(self.users), size=min(batch_size, len(self.users)), replace=False)
+        if len(chosen) < count:
+            raise ValueError(f"a meta-batch of {len(chosen)} users cannot be split over {count} processes")
+        low, high = len(chosen) * index // count, len(chosen) * (index + 1) // count
         users, supports, support_labels, queries, query_labels = [], [], [], [], []
-        for index in chosen:
-            user = self.users[index]
-            rows, labels = self.item_rows[user], self.labels[user]
-            n = len(rows)
+        for position, user_index in enumerate(chosen):
+            n = int(self.lengths[user_index])
             if self.query == "last":
                 q = min(c.query_size, n - 1)
                 later = np.arange(n - q, n)
@@ -183,7 +202,11 @@ class EpisodeSampler:
                 later = np.arange(k, n)
                 if len(later) > c.max_query:
                     later = np.sort(rng.choice(later, size=c.max_query, replace=False))
-            users.append(user)
+            if not low <= position < high:
+                continue  # another process builds this episode; its draws were still taken
+            start = int(self.starts[user_index])
+            rows, labels = self.flat_rows[start : start + n], self.flat_labels[start : start + n]
+            users.append(self.users[user_index])
             supports.append(rows[:k])
             support_labels.append(labels[:k])
             queries.append(rows[later])

@@ -4,6 +4,7 @@
     python -m training.cli evaluate  --dataset ml-100k --path ../shared/data/ml-100k --out runs/eval
     python -m training.cli train     --dataset synthetic --repository models --name warmstart
     python -m training.cli export    --checkpoint models/.work/warmstart/checkpoint --repository models
+    torchrun --standalone --nproc_per_node 2 -m training.cli train ...   (several processes)
 
 Every command exits 0 on success and non-zero with one clear line on stderr on failure.
 """
@@ -78,7 +79,12 @@ def load_from_args(args: argparse.Namespace) -> Dataset:
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("meta-training")
     group.add_argument("--meta-steps", type=int, default=3000, help="most meta-steps (early stopping usually ends sooner)")
-    group.add_argument("--meta-batch-size", type=int, default=32, help="users per meta-step")
+    group.add_argument(
+        "--meta-batch-size",
+        type=int,
+        default=32,
+        help="users per meta-step and process (under torchrun a meta-step takes N x this many users)",
+    )
     group.add_argument("--outer-lr", type=float, default=None, help="Adam learning rate of the outer loop")
     group.add_argument("--inner-steps", type=int, default=5, help="gradient steps per user (fixed in the served graph)")
     group.add_argument("--eval-every", type=int, default=100, help="meta-steps between validation evaluations")
@@ -343,11 +349,12 @@ def _bar(total: int, description: str, enabled: bool):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training import model as M
+    from training.distributed import Ranks, process_group
     from training.learners import learner_config
     from training.pipeline import JobConfig, train_and_export
 
     _set_threads(args)
-    dataset = load_from_args(args)
+    ranks = Ranks.from_environment()  # torchrun's RANK / WORLD_SIZE; one process without them
     config = JobConfig(
         model=M.served_config(
             kind=args.model,
@@ -358,11 +365,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         learner=args.learner,
         inner=learner_config(args.learner, steps=args.inner_steps),
         train=train_config_from(args),
+        max_valid_users=args.max_valid_users,
     )
     workdir = args.workdir or (args.repository / ".work" / args.name)
-    result = train_and_export(
-        dataset, args.repository, args.name, config, workdir=workdir, progress=not args.no_progress, version=args.version
-    )
+    with process_group(ranks) as collective:
+        dataset = load_from_args(args)
+        result = train_and_export(
+            dataset,
+            args.repository,
+            args.name,
+            config,
+            workdir=workdir,
+            progress=not args.no_progress,
+            version=args.version,
+            collective=collective,
+        )
+    if result is None:  # not rank 0: rank 0 exported, and reports
+        return 0
     if args.pushgateway:
         from training.ops import push_summary
 
@@ -372,8 +391,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from training.distributed import Ranks
     from training.pipeline import export_checkpoint
 
+    if not Ranks.from_environment().is_main:  # started by torchrun: one export, by rank 0
+        return 0
     dataset = load_from_args(args)
     result = export_checkpoint(args.checkpoint, dataset, args.repository, args.name, version=args.version)
     print(f"artifact: {result.path}")
@@ -459,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--learner", choices=("warmstart", "maml", "fomaml", "metasgd", "none"), default="warmstart", help="meta-learner"
     )
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and logs (default: <repository>/.work/<name>); a rerun resumes")
+    p.add_argument(
+        "--max-valid-users",
+        type=int,
+        default=2000,
+        help="most validation users (a seeded sample of 10%% of the eligible users; the rest train)",
+    )
     p.add_argument("--pushgateway", default=None, help="Prometheus Pushgateway URL to push the job's summary to")
     p.set_defaults(func=cmd_train)
 
@@ -475,9 +503,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from training.distributed import Ranks
+
+    try:
+        ranks = Ranks.from_environment()
+    except ValueError as error:
+        print(f"warmstart-train {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    where = f" rank {ranks.rank}/{ranks.world_size}" if ranks.world_size > 1 else ""
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s",
     )
     if not args.verbose:
         logging.getLogger("training").setLevel(logging.INFO)

@@ -93,12 +93,28 @@ class Dataset:
     timestamps: np.ndarray  # (N,) int64, seconds since the epoch
     users: AttributeTable
     items: AttributeTable
+    # Cache of factorized(): column name -> (distinct values, code of each row). Loaders that
+    # know integer codes (the synthetic generator) fill it; subset() carries it along.
+    _codes: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.user_ids)
         for name in ("item_ids", "labels", "timestamps"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"Dataset column {name} has {len(getattr(self, name))} rows, user_ids has {n}")
+        for name, (distinct, codes) in self._codes.items():
+            if name not in ("user_ids", "item_ids") or len(codes) != n:
+                raise ValueError(f"Dataset codes of {name!r} do not match its {n} rows")
+
+    def factorized(self, column: Literal["user_ids", "item_ids"]) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted distinct ids, index of each row's id in them), like np.unique(return_inverse=True).
+
+        Computed once per dataset and cached: np.unique sorts every row's string (tens of
+        seconds at 10^7 rows), while this sorts only the distinct ids.
+        """
+        if column not in self._codes:
+            self._codes[column] = factorize(getattr(self, column))
+        return self._codes[column]
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -115,6 +131,7 @@ class Dataset:
 
     def subset(self, rows: np.ndarray) -> "Dataset":
         """The same dataset restricted to the given interaction rows (a bool mask or indices)."""
+        codes = {name: _compress(distinct, codes[rows]) for name, (distinct, codes) in self._codes.items()}
         return Dataset(
             name=self.name,
             label=self.label,
@@ -124,4 +141,25 @@ class Dataset:
             timestamps=self.timestamps[rows],
             users=self.users,
             items=self.items,
+            _codes=codes,
         )
+
+
+def factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, int64 index of each value in them) of an array of str objects.
+
+    One hash lookup per row (done by dict and map in C, no Python loop per row) instead of
+    np.unique's sort of every row.
+    """
+    items = values.tolist()
+    distinct = sorted(dict.fromkeys(items))
+    index = {value: i for i, value in enumerate(distinct)}
+    codes = np.fromiter(map(index.__getitem__, items), np.int64, len(items))
+    return np.array(distinct, dtype=object), codes
+
+
+def _compress(distinct: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drops the distinct values no row uses any more, renumbering the codes (order kept)."""
+    present = np.bincount(codes, minlength=len(distinct)) > 0
+    renumber = np.cumsum(present) - 1
+    return distinct[present], renumber[codes]

@@ -24,6 +24,7 @@ from training import model as M
 from training.baselines import BiasBaseline, ItemStats
 from training.batching import EncodedCatalog, EpisodeSampler
 from training.dataset import Dataset, LabelSpec
+from training.distributed import Collective
 from training.features import FeatureSchema, build_schema
 from training.fitting import FitContext
 from training.inner_loop import InnerLoopConfig
@@ -78,7 +79,7 @@ def prepare(
     biases and seed the inner loop's offset and pull. For the bias_factor model with a
     frozen item side, episodes are cross-fitted (see EpisodeSource).
     """
-    schema = build_schema(dataset, np.unique(train.item_ids), use_item_id=model_config.use_item_id)
+    schema = build_schema(dataset, train.factorized("item_ids")[0], use_item_id=model_config.use_item_id)
     catalog = EncodedCatalog(schema, dataset)
     bias = BiasBaseline()
     bias.fit(_bias_context(dataset, train, valid_tasks, support_sizes))
@@ -107,11 +108,10 @@ def prepare(
         engaged=engaged,
     )
     if model_config.kind == "bias_factor" and model_config.cross_fit and _item_side_frozen(model_config):
-        users = np.unique(train.user_ids)
+        users, user_codes = train.factorized("user_ids")
         halves = np.random.default_rng([train_config.seed, 7]).permutation(len(users)) % 2
         for half in (0, 1):
-            own = set(users[halves == half].tolist())
-            is_own = np.fromiter((u in own for u in train.user_ids), bool, len(train))
+            is_own = (halves == half)[user_codes]
             other_train = train.subset(~is_own)
             other_stats, _ = item_side(dataset, other_train, schema, catalog, bias.item_shrinkage, user_shrinkage, model_config)
             if model_config.attribute_prior == "on":
@@ -243,8 +243,9 @@ def joint_biases(train: Dataset, config: M.ModelConfig) -> JointBiases:
 
 def _bias_residual(train: Dataset, stats: ItemStats, item_shrinkage: float, user_shrinkage: float) -> np.ndarray:
     """What the shrunk item mean and a ridge user bias leave unexplained."""
-    residual = train.labels - stats.shrunk_means(train.item_ids, item_shrinkage)
-    users, index = np.unique(train.user_ids, return_inverse=True)
+    distinct_items, item_codes = train.factorized("item_ids")
+    residual = train.labels - stats.shrunk_means(distinct_items.tolist(), item_shrinkage)[item_codes]  # per distinct item, then gathered
+    users, index = train.factorized("user_ids")
     sums = np.bincount(index, weights=residual, minlength=len(users))
     counts = np.bincount(index, minlength=len(users))
     return residual - (sums / (counts + user_shrinkage))[index]
@@ -254,7 +255,7 @@ def _als_start(train: Dataset, residual: np.ndarray, id_field, config: M.ModelCo
     """Item-id factors from ALS on what the biases leave unexplained (see factor_init)."""
     from training.factor_init import als_item_factors
 
-    result = als_item_factors(train.user_ids, train.item_ids, residual, config.factors, config.als_l2, seed=0)
+    result = als_item_factors(train.factorized("user_ids"), train.factorized("item_ids"), residual, config.factors, config.als_l2, seed=0)
     table = torch.zeros(id_field.num_codes, config.factors)
     for code, item in enumerate(id_field.vocabulary, start=2):
         if item in result.item_factors:
@@ -341,8 +342,12 @@ def meta_train(
     checkpoint_dir: Path | None = None,
     log_path: Path | None = None,
     progress: bool = False,
+    collective: Collective | None = None,
 ) -> tuple[AdaptedModel, TrainResult, Prepared]:
-    """Prepares and meta-trains one model; returns the best model, the run's record and the prep."""
+    """Prepares and meta-trains one model; returns the best model, the run's record and the prep.
+
+    With a Collective over several processes every process prepares the same data and
+    meta-trains its share of each meta-batch (training.distributed)."""
     prep = prepare(dataset, train, valid_tasks, model_config, train_config, support_sizes)
     params = M.init_params(model_config, prep.schema, prep.stats, seed=train_config.seed)
     if (
@@ -374,10 +379,13 @@ def meta_train(
         progress=progress,
         fingerprint=train.fingerprint(),
         sources=[(source.sampler, source.item_params) for source in prep.sources],
+        collective=collective,
     )
     result = trainer.run(log_path=log_path)
     if model_config.engagement_factors:
-        result = _train_engagement(model_config, inner_config, train_config, prep, dataset, train, valid_tasks, result, checkpoint_dir, log_path, progress)
+        result = _train_engagement(
+            model_config, inner_config, train_config, prep, dataset, train, valid_tasks, result, checkpoint_dir, log_path, progress, collective
+        )
     adapted = AdaptedModel(model_config, inner_config, prep.schema, dataset.label, result.params)
     return adapted, result, prep
 
@@ -394,6 +402,7 @@ def _train_engagement(
     checkpoint_dir: Path | None,
     log_path: Path | None,
     progress: bool,
+    collective: Collective | None = None,
 ) -> TrainResult:
     """The second phase: the engagement head, meta-trained on its listwise objective from the
     rating phase's parameters (which it leaves as they are). Returns both phases' record."""
@@ -428,6 +437,7 @@ def _train_engagement(
         checkpoint_dir=None if checkpoint_dir is None else checkpoint_dir / "engagement",
         progress=progress,
         fingerprint=train.fingerprint(),
+        collective=collective,
     )
     result = trainer.run(log_path=None if log_path is None else log_path.with_name(log_path.stem + "_engagement" + log_path.suffix))
     log.info(

@@ -116,10 +116,10 @@ def time_order(dataset: Dataset) -> np.ndarray:
 
 def item_first_seen(dataset: Dataset) -> dict[str, int]:
     """The time rank at which each item first appears."""
-    first: dict[str, int] = {}
-    for rank, row in enumerate(time_order(dataset)):
-        first.setdefault(dataset.item_ids[row], rank)
-    return first
+    distinct, codes = dataset.factorized("item_ids")
+    order = time_order(dataset)
+    _, first_rank = np.unique(codes[order], return_index=True)  # first position of each code in time order
+    return dict(zip(distinct.tolist(), first_rank.tolist()))
 
 
 def newest_items(dataset: Dataset, fraction: float) -> list[str]:
@@ -132,24 +132,31 @@ def newest_items(dataset: Dataset, fraction: float) -> list[str]:
 
 def user_rows(dataset: Dataset) -> dict[str, np.ndarray]:
     """Each user's interaction rows in time order."""
+    users, offsets, rows = grouped_rows(dataset)
+    return dict(zip(users.tolist(), np.split(rows, offsets[1:-1])))
+
+
+def grouped_rows(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted user ids (U,), offsets (U + 1,), rows (N,)): user u's rows in time order are
+    rows[offsets[u]:offsets[u + 1]]. One stable sort, no Python loop per interaction."""
+    users, codes = dataset.factorized("user_ids")
     order = time_order(dataset)
-    users = dataset.user_ids[order]
-    by_user: dict[str, list[int]] = {}
-    for row, user in zip(order, users):
-        by_user.setdefault(user, []).append(row)
-    return {u: np.asarray(rows, dtype=np.int64) for u, rows in by_user.items()}
+    rows = order[np.argsort(codes[order], kind="stable")]
+    offsets = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(codes, minlength=len(users)), out=offsets[1:])
+    return users, offsets, rows
 
 
-def _task_rows(dataset: Dataset, rows: np.ndarray, new_items: set[str], query_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _task_rows(rows: np.ndarray, new_row: np.ndarray | None, query_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(support rows, query rows) of one user's time-ordered rows.
 
     Without new items the query is the last `query_size` interactions. With new items it
     is the last `query_size` interactions with new items, and the support is every
     old-item interaction before the first of them (the model cannot know new items).
     """
-    if not new_items:
+    if new_row is None:
         return rows[:-query_size], rows[-query_size:]
-    is_new = np.fromiter((i in new_items for i in dataset.item_ids[rows]), bool, len(rows))
+    is_new = new_row[rows]
     positions = np.flatnonzero(is_new)[-query_size:]
     if len(positions) == 0:
         return rows[:0], rows[:0]
@@ -157,12 +164,18 @@ def _task_rows(dataset: Dataset, rows: np.ndarray, new_items: set[str], query_si
     return rows[before[~is_new[before]]], rows[positions]
 
 
-def _eligible_users(dataset: Dataset, protocol: Protocol, new_items: set[str]) -> list[str]:
+def _new_rows(dataset: Dataset, new_items: Sequence[str]) -> np.ndarray | None:
+    """Which rows are interactions with a new item (None when no item is new)."""
+    return _member(dataset, "item_ids", new_items) if len(new_items) else None
+
+
+def _eligible_users(dataset: Dataset, protocol: Protocol, new_items: Sequence[str]) -> list[str]:
     eligible = []
+    new_row = _new_rows(dataset, new_items)
     for user, r in user_rows(dataset).items():
         if not protocol.min_interactions <= len(r) <= protocol.max_interactions:
             continue
-        support, query = _task_rows(dataset, r, new_items, protocol.query_size)
+        support, query = _task_rows(r, new_row, protocol.query_size)
         if len(support) and len(query):
             eligible.append(user)
     return sorted(eligible)
@@ -173,7 +186,7 @@ def make_splits(dataset: Dataset, protocol: Protocol) -> list[Split]:
     new_items: list[str] = []
     if protocol.scenario != "new_users":
         new_items = newest_items(dataset, protocol.new_item_fraction)
-    eligible = _eligible_users(dataset, protocol, set(new_items))
+    eligible = _eligible_users(dataset, protocol, new_items)
     if len(eligible) < protocol.folds * 2:
         raise ValueError(
             f"only {len(eligible)} users have {protocol.min_interactions}-{protocol.max_interactions} "
@@ -182,7 +195,8 @@ def make_splits(dataset: Dataset, protocol: Protocol) -> list[Split]:
     rng = np.random.default_rng(protocol.seed)
     shuffled = [eligible[i] for i in rng.permutation(len(eligible))]
     folds = [sorted(shuffled[f :: protocol.folds]) for f in range(protocol.folds)]
-    all_users = sorted(set(dataset.user_ids.tolist()))
+    all_users = dataset.factorized("user_ids")[0].tolist()
+    fingerprint = dataset.fingerprint()  # once: it hashes every row
     splits = []
     for f in range(protocol.folds):
         test = folds[f]
@@ -199,7 +213,7 @@ def make_splits(dataset: Dataset, protocol: Protocol) -> list[Split]:
                 protocol=protocol,
                 fold=f,
                 dataset=dataset.name,
-                dataset_fingerprint=dataset.fingerprint(),
+                dataset_fingerprint=fingerprint,
                 train_users=train,
                 valid_users=valid,
                 test_users=test,
@@ -250,21 +264,26 @@ def training_rows(dataset: Dataset, split: Split, users: Sequence[str] | None = 
     In the new-items scenario test users are known users, so their old-item
     interactions stay in training; only their query (new items) is withheld.
     """
-    allowed = set(split.train_users if users is None else users)
-    mask = np.fromiter((u in allowed for u in dataset.user_ids), bool, len(dataset))
+    mask = _member(dataset, "user_ids", split.train_users if users is None else users)
     if split.new_items:
-        new = set(split.new_items)
-        mask &= np.fromiter((i not in new for i in dataset.item_ids), bool, len(dataset))
+        mask &= ~_member(dataset, "item_ids", split.new_items)
     return mask
+
+
+def _member(dataset: Dataset, column: str, ids: Sequence[str]) -> np.ndarray:
+    """Boolean mask of the rows whose id in `column` is one of `ids` (one lookup per distinct id)."""
+    distinct, codes = dataset.factorized(column)  # type: ignore[arg-type]
+    wanted = set(ids)
+    return np.fromiter((d in wanted for d in distinct.tolist()), bool, len(distinct))[codes]
 
 
 def build_tasks(dataset: Dataset, split: Split, users: Sequence[str]) -> list[Task]:
     """The evaluation task of each user (support pool = everything usable before the query)."""
     rows = user_rows(dataset)
-    new = set(split.new_items)
+    new_row = _new_rows(dataset, split.new_items)
     tasks = []
     for user in users:
-        support, query = _task_rows(dataset, rows[user], new, split.protocol.query_size)
+        support, query = _task_rows(rows[user], new_row, split.protocol.query_size)
         if not len(support) or not len(query):
             raise ValueError(f"user {user!r} has no support or no query under {split.protocol}")
         tasks.append(

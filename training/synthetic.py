@@ -141,6 +141,10 @@ def generate_synthetic(
             for name, flags, y in zip(item_names, item_genres, item_year.tolist())
         },
     )
+    # Ids are zero-padded, so sorting the integer codes sorts the ids: the factorisation
+    # Dataset.factorized() would compute costs nothing here.
+    user_distinct, user_codes = np.unique(user_rows, return_inverse=True)
+    item_distinct, item_codes = np.unique(item_cols, return_inverse=True)
     return Dataset(
         name="synthetic",
         label=spec,
@@ -150,6 +154,7 @@ def generate_synthetic(
         timestamps=timestamps,
         users=users,
         items=items,
+        _codes={"user_ids": (user_names[user_distinct], user_codes), "item_ids": (item_names[item_distinct], item_codes)},
     )
 
 
@@ -226,13 +231,22 @@ def _exposures(
             + era[start:stop][:, item_year]
         )  # (u, I)
         keys = item_log_pop[None, :] + SELECTION * expected + rng.gumbel(size=(stop - start, n_items))
-        chosen = np.argsort(-keys, axis=1)  # (u, I): sampling order
-        time_keys = rng.random(size=chosen.shape)
-        for row in range(stop - start):
-            k = counts[start + row]
-            picked = chosen[row, :k]
-            items_out.append(picked[np.argsort(time_keys[row, :k])])
-            users_out.append(np.full(k, start + row, dtype=np.int64))
+        time_keys = rng.random(size=keys.shape)
+        k = counts[start:stop]  # (u,)
+        top = int(k.max())
+        # The top-k of each row in descending key order: what a full argsort's first k
+        # columns hold (keys are continuous, so no ties), at the cost of a partition.
+        if top < n_items:
+            candidates = np.argpartition(-keys, top - 1, axis=1)[:, :top]  # (u, top), unordered
+        else:
+            candidates = np.broadcast_to(np.arange(n_items), keys.shape)
+        ranked = np.take_along_axis(candidates, np.argsort(-np.take_along_axis(keys, candidates, axis=1), axis=1), axis=1)
+        # Each user's first k picks, reordered by the time keys drawn for sampling positions 0..k-1.
+        position = np.arange(top)[None, :]
+        order = np.argsort(np.where(position < k[:, None], time_keys[:, :top], np.inf), axis=1)
+        in_time = np.take_along_axis(ranked, order, axis=1)
+        items_out.append(in_time[position < k[:, None]])  # row-major: user-major, time order
+        users_out.append(np.repeat(np.arange(start, stop, dtype=np.int64), k))
     return np.concatenate(users_out), np.concatenate(items_out)
 
 

@@ -26,11 +26,13 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from training import model as M
 from training.batching import EncodedCatalog, EpisodeConfig, EpisodeSampler, task_batches
 from training.dataset import LabelSpec
+from training.distributed import Collective
 from training.features import FeatureSchema
 from training.inner_loop import (
     CATALOG_WEIGHT,
@@ -226,6 +228,7 @@ class MetaTrainer:
         fingerprint: str = "",
         sources: Sequence[tuple[EpisodeSampler, M.Params]] = (),
         ranked_rows: np.ndarray | None = None,
+        collective: Collective | None = None,
     ) -> None:
         if not valid_tasks and train_config.patience > 0:
             raise ValueError("early stopping needs validation tasks (or patience=0)")
@@ -243,6 +246,8 @@ class MetaTrainer:
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
         self.fingerprint = fingerprint
+        # The other processes of a torchrun job (training.distributed); alone, every hook is the identity.
+        self.collective = collective or Collective()
         params = dict(initial_params)
         for name, value in init_inner_params(model_config, inner_config, params).items():
             params.setdefault(name, value)  # a caller may start inner parameters elsewhere
@@ -267,6 +272,7 @@ class MetaTrainer:
             raise ValueError("the engagement objective needs a model with engagement_factors > 0")
         for name in self.trainable:
             self.params[name].requires_grad_(True)
+        self.collective.broadcast_(list(self.params.values()))  # every rank starts from rank 0's parameters
         self.optimizer = torch.optim.Adam([self.params[n] for n in self.trainable], lr=train_config.outer_lr)
         self.rng = np.random.default_rng(train_config.seed)
         self.step = 0
@@ -323,20 +329,24 @@ class MetaTrainer:
 
     def train_step(self) -> float:
         sampler, item_params = self.sources[self.step % len(self.sources)] if self.sources else (self.sampler, None)
+        # meta_batch_size users per process: each builds its block of the global batch.
+        global_batch = self.config.meta_batch_size * self.collective.world_size
+        episode = sampler.sample_episode(self.rng, global_batch, shard=self.collective.shard_of)
+        labels = episode.query_labels
         if self.config.objective == "engagement":
-            loss = self.engagement_loss(self.sampler.sample_episode(self.rng, self.config.meta_batch_size))
+            loss = self.engagement_loss(episode)
         else:
-            batch, labels, mask = sampler.sample(self.rng, self.config.meta_batch_size)
-            loss = self.meta_loss(batch, labels, mask, item_params)
+            loss = self.meta_loss(episode.batch, labels, episode.query_mask, item_params)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"meta-loss is {loss.item()} at step {self.step}: lower outer_lr or inner steps")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        value = self.collective.average_gradients([self.params[n] for n in self.trainable], float(loss.detach()), len(labels))
         if self.config.outer_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([self.params[n] for n in self.trainable], self.config.outer_grad_clip)
         self.optimizer.step()
         self.step += 1
-        return float(loss.detach())
+        return value
 
     def adapted(self, params: M.Params | None = None) -> AdaptedModel:
         with torch.no_grad():
@@ -345,9 +355,12 @@ class MetaTrainer:
 
     def evaluate(self) -> float:
         """The validation loss early stopping watches (lower is better)."""
+        tasks = self.collective.shard(self.valid_tasks)  # each process scores its share of the users
         if self.config.objective == "engagement":
-            return -catalog_recall(self.adapted(), self.catalog, self.ranked_rows, self.valid_tasks, ENGAGEMENT_VALIDATION_SIZES)
-        return validation_loss(self.adapted(), self.catalog, self.valid_tasks, self.config.validation_support_sizes)
+            local = -catalog_recall(self.adapted(), self.catalog, self.ranked_rows, tasks, ENGAGEMENT_VALIDATION_SIZES)
+        else:
+            local = validation_loss(self.adapted(), self.catalog, tasks, self.config.validation_support_sizes)
+        return self.collective.mean_of_shards(local, len(tasks))
 
     # -- the run -------------------------------------------------------------------------
     def run(self, log_path: Path | None = None, on_step: Callable[[int], None] | None = None) -> TrainResult:
@@ -357,7 +370,7 @@ class MetaTrainer:
             log.info("resumed from %s at meta-step %d", self.checkpoint_dir, self.step)
         if self.step == 0 and self.valid_tasks:
             self._record(float("nan"), log_path)
-        bar = _progress_bar(self.config.meta_steps, self.step, enabled=self.progress)
+        bar = _progress_bar(self.config.meta_steps, self.step, enabled=self.progress and self.collective.is_main)
         running = None
         started = time.perf_counter() - self.elapsed_s
         while self.step < self.config.meta_steps and not self.stopped:
@@ -409,7 +422,7 @@ class MetaTrainer:
         }
         self.history.append(entry)
         log.info("meta-step %d: valid %.4f (best %.4f)", self.step, valid, self.best_loss)
-        if log_path is not None:
+        if log_path is not None and self.collective.is_main:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("a") as fh:
                 fh.write(json.dumps(entry) + "\n")
@@ -431,6 +444,7 @@ class MetaTrainer:
             "label": asdict(self.label),
             "interactions": self.interactions,
             "dataset_fingerprint": self.fingerprint,
+            "world_size": self.collective.world_size,
             "trainable": self.trainable,
             "step": self.step,
             "best_loss": self.best_loss if math.isfinite(self.best_loss) else None,
@@ -445,18 +459,22 @@ class MetaTrainer:
         return tensors, meta
 
     def save_checkpoint(self, directory: Path) -> None:
-        """Writes checkpoint.safetensors and checkpoint.json atomically (tensors first)."""
+        """Writes checkpoint.safetensors and checkpoint.json atomically (tensors first); rank 0 only."""
+        if not self.collective.is_main:
+            return
         directory.mkdir(parents=True, exist_ok=True)
         tensors, meta = self._state()
         tmp = directory / "checkpoint.safetensors.tmp"
-        save_file(tensors, str(tmp))
+        # The metadata rides inside the tensors file as well, so one os.replace publishes the
+        # whole checkpoint; checkpoint.json, replaced after it, is a readable copy.
+        save_file(tensors, str(tmp), metadata={"checkpoint": json.dumps(meta)})
         os.replace(tmp, directory / "checkpoint.safetensors")
         tmp_json = directory / "checkpoint.json.tmp"
         tmp_json.write_text(json.dumps(meta, indent=1))
         os.replace(tmp_json, directory / "checkpoint.json")
 
     def load_checkpoint(self, directory: Path) -> None:
-        meta = json.loads((directory / "checkpoint.json").read_text())
+        meta = checkpoint_metadata(directory)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{directory}: unsupported checkpoint format {meta.get('format')!r}")
         mine = {
@@ -469,6 +487,11 @@ class MetaTrainer:
                 raise ValueError(f"{directory}: checkpoint was made with a different {key}; use a new directory")
         if meta["dataset_fingerprint"] != self.fingerprint:
             raise ValueError(f"{directory}: checkpoint was made from different training data")
+        if meta.get("world_size", 1) != self.collective.world_size:  # the global meta-batch would change
+            raise ValueError(
+                f"{directory}: checkpoint was made by {meta.get('world_size', 1)} processes, this run has "
+                f"{self.collective.world_size}; resume with the same number or use a new directory"
+            )
         tensors = load_file(str(directory / "checkpoint.safetensors"))
         with torch.no_grad():
             for name, value in self.params.items():
@@ -504,12 +527,20 @@ def _is_engagement(name: str) -> bool:
 
 def read_checkpoint(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, best parameters) of a finished or interrupted run, for export."""
-    meta = json.loads((directory / "checkpoint.json").read_text())
+    meta = checkpoint_metadata(directory)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{directory}: unsupported checkpoint format {meta.get('format')!r}")
     tensors = load_file(str(directory / "checkpoint.safetensors"))
     best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
     return meta, best
+
+
+def checkpoint_metadata(directory: Path) -> dict:
+    """The metadata stored inside checkpoint.safetensors (the unit the tensors belong to); a
+    checkpoint written before it was stored there has only checkpoint.json."""
+    with safe_open(str(directory / "checkpoint.safetensors"), "pt") as tensors:
+        embedded = (tensors.metadata() or {}).get("checkpoint")
+    return json.loads(embedded) if embedded is not None else json.loads((directory / "checkpoint.json").read_text())
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

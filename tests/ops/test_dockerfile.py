@@ -3,7 +3,8 @@
 "The same install steps" is checked line by line: the image's build stages run the
 Makefile's pip commands, in the same order, with the same options and pins, differing only
 in the extras (the image takes the service's, never training's or the tests') and in
-installing the project as a package rather than in editable mode.
+installing the project as a package rather than in editable mode. The train variant (the
+training Job's image) takes the `train` extra.
 """
 
 from __future__ import annotations
@@ -164,11 +165,11 @@ def test_image_builds_run_the_makefiles_pip_steps():
     assert project.editable
     service_extras = {"torch-engine"}
     all_stages = stages()
-    for variant, extras in (("cpu", frozenset()), ("gpu", frozenset(service_extras))):
+    for variant, extras in (("cpu", frozenset()), ("gpu", frozenset(service_extras)), ("train", frozenset({"train"}))):
         image = dockerfile_steps(all_stages[f"build-{variant}"])
         # The CPU image has no torch (the base dependencies do not need it, see below); the
-        # GPU image installs it first and pinned, exactly as the Makefile does.
-        expected = [s for s in make if variant == "gpu" or s.target != "TORCH_SPEC"]
+        # GPU and train images install it first and pinned, exactly as the Makefile does.
+        expected = [s for s in make if variant in ("gpu", "train") or s.target != "TORCH_SPEC"]
         assert [s.target for s in image] == [s.target for s in expected], f"{variant}: {image}"
         for built, made in zip(image, expected):
             assert built.options == made.options, f"{variant}: pip options differ: {built} vs {made}"
@@ -184,14 +185,15 @@ def test_the_service_runtime_needs_no_training_dependencies():
 
 
 def test_torch_pin_is_the_makefiles():
-    (gpu_args,) = [a for a in stages()["build-gpu"].all("ARG") if a.startswith("TORCH_SPEC=")]
-    assert gpu_args.partition("=")[2] == makefile_default("TORCH_SPEC")
+    for variant in ("gpu", "train"):
+        (args,) = [a for a in stages()[f"build-{variant}"].all("ARG") if a.startswith("TORCH_SPEC=")]
+        assert args.partition("=")[2] == makefile_default("TORCH_SPEC"), variant
 
 
 def test_virtual_environment_is_made_by_the_same_python_command():
     assert makefile_default("PYTHON") == "python3.11"
-    assert stages()["base-cpu"].all("ENV") == ["PYTHON=python3.11"]
-    for variant in ("cpu", "gpu"):
+    assert stages()["base-cpu"].all("ENV") == stages()["base-train"].all("ENV") == ["PYTHON=python3.11"]
+    for variant in ("cpu", "gpu", "train"):
         (first_run, *_) = stages()[f"build-{variant}"].all("RUN")
         assert first_run.startswith('"$PYTHON" -m venv /opt/venv'), first_run
 
@@ -204,7 +206,7 @@ def test_external_images_carry_explicit_tags():
     assert args["VARIANT"] == "cpu"
     assert "cuda" in args["CUDA_IMAGE"] and "cudnn" in args["CUDA_IMAGE"]
     bases = {s.name: s.base for s in stages().values()}
-    assert bases["base-cpu"] == "${PYTHON_IMAGE}" and bases["base-gpu"] == "${CUDA_IMAGE}"
+    assert bases["base-cpu"] == bases["base-train"] == "${PYTHON_IMAGE}" and bases["base-gpu"] == "${CUDA_IMAGE}"
     assert bases["build"] == "build-${VARIANT}" and runtime_stage().base == "base-${VARIANT}"
 
 

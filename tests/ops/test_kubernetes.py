@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import yaml
 from service.config import ServiceConfig, unknown_environment
 from service.server import HEALTH_SERVICES
 from tests.ops.conftest import OPS
+from tests.ops.test_dockerfile import stages
 
 KUBERNETES = OPS / "kubernetes"
 MANIFESTS = sorted(KUBERNETES.glob("*.yaml"))
 DEFAULTS = {f.name: f.default for f in fields(ServiceConfig)}
+TRAINING_JOB = TRAINING_SERVICE = "warmstart-train"
 
 
 def documents(path: Path) -> list[dict]:
@@ -107,9 +110,13 @@ def test_deployment_mounts_the_model_repository_read_only_as_non_root(deployment
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
 
 
+def server_services() -> list[dict]:
+    return [s for s in of_kind("Service") if s["metadata"]["name"] != TRAINING_SERVICE]
+
+
 def test_services_select_the_deployments_pods_and_name_their_ports():
     pods = [d["spec"]["template"]["metadata"]["labels"] for d in deployments()]
-    for service in of_kind("Service"):
+    for service in server_services():
         selector = service["spec"]["selector"]
         assert all(labels.items() >= selector.items() for labels in pods), service["metadata"]["name"]
         for port in service["spec"]["ports"]:
@@ -131,3 +138,102 @@ def test_kustomization_lists_existing_files():
     (kustomization,) = of_kind("Kustomization")
     for resource in kustomization["resources"]:
         assert (KUBERNETES / resource).is_file(), resource
+
+
+# --- the distributed training job --------------------------------------------------------------
+
+
+def training_job() -> dict:
+    (job,) = [d for d in of_kind("Job") if d["metadata"]["name"] == TRAINING_JOB]
+    return job
+
+
+def training_container() -> dict:
+    (only,) = training_job()["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def torchrun_and_train_arguments():
+    """(torchrun's parsed flags, training.cli's parsed flags) of the job's command line,
+    parsed by torchrun's and warmstart-train's own parsers, so a misspelt flag fails here."""
+    from torch.distributed.run import get_args_parser
+
+    from training.cli import build_parser
+
+    c = training_container()
+    assert c["command"] == ["torchrun"]
+    # The kubelet expands $(VAR) from the container's env; the node rank is the pod's index.
+    defined = {e["name"] for e in c["env"]}
+    referenced = set(re.findall(r"\$\((\w+)\)", " ".join(c["args"])))
+    assert referenced <= defined, f"args use undefined variables {referenced - defined}"
+    args = [a.replace("$(NODE_RANK)", "1") for a in c["args"]]
+    torchrun = get_args_parser().parse_args(args)
+    assert torchrun.module and torchrun.training_script == "training.cli"
+    return torchrun, build_parser().parse_args(torchrun.training_script_args)
+
+
+def test_training_job_runs_torchrun_on_every_indexed_pod():
+    spec = training_job()["spec"]
+    torchrun, train = torchrun_and_train_arguments()
+    assert train.command == "train"
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == int(torchrun.nnodes)
+    # The node rank is the pod's completion index, through the downward API.
+    env = {e["name"]: e for e in training_container()["env"]}
+    assert "--node-rank=$(NODE_RANK)" in training_container()["args"] and torchrun.node_rank == 1
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    # One torch thread per process: the CPU request is the processes per pod.
+    assert int(training_container()["resources"]["requests"]["cpu"]) == int(torchrun.nproc_per_node)
+
+
+def test_training_job_finds_rank_0_through_its_headless_service():
+    torchrun, _ = torchrun_and_train_arguments()
+    pod = training_job()["spec"]["template"]
+    (service,) = [s for s in of_kind("Service") if s["metadata"]["name"] == TRAINING_SERVICE]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert pod["spec"]["subdomain"] == TRAINING_SERVICE
+    assert torchrun.master_addr == f"{TRAINING_JOB}-0.{TRAINING_SERVICE}"  # the pod of completion index 0
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == int(torchrun.master_port)
+    container_ports = {p["name"]: p["containerPort"] for p in training_container()["ports"]}
+    assert container_ports[port["targetPort"]] == int(torchrun.master_port)
+    assert pod["metadata"]["labels"].items() >= service["spec"]["selector"].items()
+
+
+def test_training_job_writes_into_the_repository_the_deployments_serve():
+    _, train = torchrun_and_train_arguments()
+    c = training_container()
+    pod = training_job()["spec"]["template"]["spec"]
+    server = next(d for d in deployments() if d["metadata"]["name"] == "warmstart")
+    server_env = environment(server)
+    # The server's image with training's dependencies: the Dockerfile's train variant.
+    name, _, tag = c["image"].partition(":")
+    assert name == container(server)["image"].partition(":")[0] and tag == "train"
+    assert "build-train" in stages() and "${VARIANT}" in stages()["build"].base
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    repository = mounts[str(train.repository)]
+    assert not repository.get("readOnly", False)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    server_volumes = {v["name"]: v for v in server["spec"]["template"]["spec"]["volumes"]}
+    server_mount = next(m for m in container(server)["volumeMounts"] if m["mountPath"] == server_env["WARMSTART_MODEL_REPOSITORY"])
+    claim = volumes[repository["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim == server_volumes[server_mount["name"]]["persistentVolumeClaim"]["claimName"]
+    assert train.name == server_env["WARMSTART_MODEL_NAME"]
+    # Several pods write one repository: the claim must be mountable by all of them.
+    (pvc,) = [p for p in of_kind("PersistentVolumeClaim") if p["metadata"]["name"] == claim]
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_server_and_training_pods_are_not_each_others_endpoints():
+    job_pods = training_job()["spec"]["template"]["metadata"]["labels"]
+    for service in server_services():
+        assert not job_pods.items() >= service["spec"]["selector"].items(), service["metadata"]["name"]
+    (service,) = [s for s in of_kind("Service") if s["metadata"]["name"] == TRAINING_SERVICE]
+    for d in deployments():
+        assert not d["spec"]["template"]["metadata"]["labels"].items() >= service["spec"]["selector"].items()
+
+
+def test_applying_the_kustomization_does_not_start_a_training_run():
+    (kustomization,) = of_kind("Kustomization")
+    assert "training-job.yaml" not in kustomization["resources"]

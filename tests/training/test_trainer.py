@@ -4,7 +4,9 @@ resumes to the same weights as an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +124,33 @@ def test_train_config_rejects_bad_settings():
         TrainConfig(outer_lr=0.0)
     with pytest.raises(ValueError):
         TrainConfig(eval_every=0)
+
+
+def test_a_run_killed_between_the_two_checkpoint_files_resumes_to_the_same_weights(synthetic_split, tmp_path, monkeypatch):
+    """The tensors file carries the metadata: a kill after it replaced the old one but before
+    checkpoint.json did leaves a checkpoint that still resumes exactly."""
+    import training.trainer as trainer_module
+
+    dataset, _, context = synthetic_split
+    config = TrainConfig(meta_steps=30, eval_every=10, checkpoint_every=10, patience=0, meta_batch_size=8)
+    whole_trainer = make_trainer(dataset, context, tmp_path / "whole", config)
+    whole = whole_trainer.run()
+
+    real_replace = os.replace
+
+    def replace_then_die_at_step_20(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith("checkpoint.safetensors") and trainer_module.checkpoint_metadata(Path(dst).parent)["step"] == 20:
+            raise Killed()  # the tensors of step 20 are in place, checkpoint.json still says 10
+
+    monkeypatch.setattr(trainer_module.os, "replace", replace_then_die_at_step_20)
+    with pytest.raises(Killed):
+        make_trainer(dataset, context, tmp_path / "torn", config).run()
+    monkeypatch.setattr(trainer_module.os, "replace", real_replace)
+    assert json.loads((tmp_path / "torn" / "checkpoint.json").read_text())["step"] == 10
+    resumed_trainer = make_trainer(dataset, context, tmp_path / "torn", config)
+    resumed = resumed_trainer.run()
+    assert resumed.steps_done == whole.steps_done == 30
+    for name, value in whole_trainer.params.items():  # the last parameters, not only the best
+        assert torch.equal(value, resumed_trainer.params[name]), name
+    assert [h["valid_loss"] for h in resumed.history] == [h["valid_loss"] for h in whole.history]
