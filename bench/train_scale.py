@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from training.distributed import Ranks, process_group
-    from training.methods import meta_train
+    from training.initialisation import meta_train
     from training.pipeline import JobConfig, validation_split
     from training.splits import build_tasks, training_rows
     from training.synthetic import generate_synthetic

@@ -132,7 +132,10 @@ def engagement_start(user_ids: np.ndarray, item_ids: np.ndarray, factors: int, s
     """Where the engagement head starts: each item's log-popularity (centred) and the right
     singular vectors of the binary user x item matrix, scaled so that their mean outer
     product over the items is the identity (PureSVD's item space: a new user's fold-in
-    against them is already a sound top-N recommender)."""
+    against them is already a sound top-N recommender). singular_power > 0 weights each
+    vector by its singular value to that power (1: p_i . p_j approximates co-occurrence);
+    on MovieLens-100K validation users 0 measured best after meta-training (mean Recall@20
+    over K = 0..20: .344 at 0, .342 at 1, .333 at 0.5)."""
     import torch
 
     if factors < 1:

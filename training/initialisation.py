@@ -128,9 +128,6 @@ def prepare(
     return prepared
 
 
-ENGAGEMENT_SINGULAR_POWER = 0.0
-
-
 def engagement_side(engaged: Dataset, schema: FeatureSchema, factors: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """The engagement head's starting id table (rows = id codes) and factor second moment."""
     from training.factor_init import engagement_start
@@ -138,7 +135,7 @@ def engagement_side(engaged: Dataset, schema: FeatureSchema, factors: int, seed:
     id_field = schema.item_id_field
     if id_field is None or len(engaged) == 0:
         raise ValueError("the engagement head needs item ids and at least one engaged training interaction")
-    start = engagement_start(engaged.user_ids, engaged.item_ids, factors, seed=seed, singular_power=ENGAGEMENT_SINGULAR_POWER)
+    start = engagement_start(engaged.user_ids, engaged.item_ids, factors, seed=seed)
     table = torch.zeros(id_field.num_codes, 1 + factors)
     code_of = {item: code for code, item in enumerate(id_field.vocabulary, start=2)}
     for row, item in zip(start.table, start.items):

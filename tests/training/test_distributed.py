@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from training import model as M
 from training.distributed import Collective, ProcessGroupConfig, Ranks, process_group
 from training.harness import fit_context
-from training.methods import learner_config, prepare
+from training.initialisation import prepare
+from training.learners import learner_config
 from training.splits import Protocol, make_splits
 from training.synthetic import generate_synthetic
 from training.trainer import MetaTrainer, TrainConfig
