@@ -303,7 +303,7 @@ def with_attribute_prior(
         tables[f"item.attr_bias.{f.name}"] = block[:, 0].clone()
         tables[f"item.attr_factors.{f.name}"] = block[:, 1:].clone()
         start += f.num_codes
-    return M.DataStats(data.mean, base, data.interactions, item_factors, tables)
+    return replace(data, item_base_bias=base, item_factors=item_factors, attribute_tables=tables)  # the engagement start rides along
 
 
 def warmstart_inner_start(model_config: M.ModelConfig, prep: Prepared) -> M.Params:

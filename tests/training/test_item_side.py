@@ -75,3 +75,21 @@ def test_the_attribute_prior_keeps_id_factors_plus_attribute_factors_equal_to_al
     als = stats.item_factors[codes[:, schema.item_id_field.offset]]  # what ALS fitted per known item
     torch.testing.assert_close(prior_q[known], als[known], atol=1e-5, rtol=0)
     assert als[known].abs().max() > 1e-3  # there is something to preserve
+
+
+def test_the_engagement_start_survives_the_attribute_prior_and_its_tuning():
+    """The engagement head's popularity + SVD start rides through every rebuild of the item
+    side (the attribute prior, and the validation users' choice among its weights)."""
+    from training.initialisation import engagement_side
+
+    dataset = genre_dataset()
+    schema = build_schema(dataset, np.unique(dataset.item_ids))
+    catalog = EncodedCatalog(schema, dataset)
+    config = M.ModelConfig(factors=2, engagement_factors=3)
+    stats, _ = item_side(dataset, dataset, schema, catalog, 2.0, 5.0, config)
+    stats.engagement_start, _ = engagement_side(dataset, schema, 3, seed=0)
+    prior = with_attribute_prior(stats, schema, catalog, ItemStats.of(dataset), 2.0, l2=0.1)
+    assert prior.engagement_start is stats.engagement_start
+    table = M.init_params(config, schema, prior)["eng.item.id"]
+    torch.testing.assert_close(table, stats.engagement_start)
+    assert table[2:, 1:].abs().max() > 0.1  # SVD factors, not zeros
