@@ -184,7 +184,7 @@ METHOD_HELP = {
     "bf_maml": "bias_factor model, MAML on the user parameters",
     "bf_fomaml": "bias_factor model, first-order MAML on the user parameters",
     "bf_metasgd": "bias_factor model, Meta-SGD on the user parameters",
-    "warmstart": "bias_factor model, normalised Meta-SGD with prior pull (the served model)",
+    "warmstart": "the served model's rating head: ALS biases, normalised Meta-SGD with prior pull, attribute prior tuned",
     "warmstart_noattr": "the same without the attribute prior (items shrink toward the mean)",
 }
 
@@ -220,6 +220,8 @@ def make_methods(names: Sequence[str], train_config: TrainConfig, inner_steps: i
             learner = name[len("bf_") :]
             out.append(MetaLearned(name, M.ModelConfig(), learner_config(learner, inner_steps, 0.1), train_config, progress=progress))
         else:  # warmstart, warmstart_noattr
-            config = M.ModelConfig(attribute_prior="off" if name == "warmstart_noattr" else "on")
+            # The served configuration without its engagement head: the ratings do not
+            # depend on it (the heads share no parameter), and it would only cost time here.
+            config = M.served_config(engagement_factors=0, **({"attribute_prior": "off"} if name == "warmstart_noattr" else {}))
             out.append(MetaLearned(name, config, learner_config("warmstart", inner_steps), train_config, progress=progress))
     return out
