@@ -106,7 +106,7 @@ def test_unknown_values_are_rejected_unless_allowed(tiny_artifact: Path):
 def test_every_tampered_file_is_named(copy: Path):
     """Flipping one byte of any listed file makes the loader refuse, naming that file."""
     listed = [entry["path"] for entry in json.loads((copy / "manifest.json").read_text())["files"]]
-    assert {"model.onnx", "model.pt2", "init.safetensors", "catalog.safetensors", "catalog_items.txt"} <= set(listed)
+    assert {"model.onnx", "torch_program.safetensors", "init.safetensors", "catalog.safetensors", "catalog_items.txt"} <= set(listed)
     for relative in listed:
         path = copy / relative
         original = path.read_bytes()

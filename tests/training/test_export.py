@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from training import export as E
 from training.features import FeatureSchema, Field
+from warmstart.torch_program import load_program
 from warmstart.v1 import manifest_pb2 as pb
 
 
@@ -27,7 +28,7 @@ def test_artifact_layout_and_manifest(tiny_artifact):
     assert listed == on_disk - {"manifest.json", "manifest.sha256"}
     digest, name = (tiny_artifact / "manifest.sha256").read_text().split()
     assert name == "manifest.json" and digest == E.sha256_file(tiny_artifact / "manifest.json")
-    assert {"init.safetensors", "model.onnx", "model.pt2", "catalog.safetensors", "catalog_items.txt"} <= listed
+    assert {"init.safetensors", "model.onnx", E.TORCH_PROGRAM_FILE, "catalog.safetensors", "catalog_items.txt"} <= listed
     assert {"training_summary.json", "training_log.jsonl"} <= listed
     for entry in manifest.files:
         assert E.sha256_file(tiny_artifact / entry.path) == entry.sha256
@@ -63,7 +64,7 @@ def test_catalog_matches_the_vocabulary(tiny_artifact):
 def test_onnx_torch_export_and_training_agree_on_fresh_shapes(tiny_artifact, shape):
     reference_model = E.load_exported_model(tiny_artifact)
     session = ort.InferenceSession(str(tiny_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
-    program = torch.export.load(str(tiny_artifact / "model.pt2")).module()
+    program = load_program(tiny_artifact / E.TORCH_PROGRAM_FILE).module()
     batch = E.random_batch(reference_model.schema, shape, np.random.default_rng(shape.batch * 1000 + shape.query), reference_model.label)
     with torch.no_grad():
         reference = [t.numpy() for t in reference_model.forward(batch)]
@@ -91,7 +92,7 @@ def test_onnx_dimensions_are_dynamic_and_widths_static(tiny_artifact):
 
 
 def test_exported_program_pins_no_device(tiny_artifact):
-    assert E.device_pinned_nodes(torch.export.load(str(tiny_artifact / "model.pt2"))) == []
+    assert E.device_pinned_nodes(load_program(tiny_artifact / E.TORCH_PROGRAM_FILE)) == []
 
 
 @pytest.fixture(scope="module")
