@@ -26,7 +26,7 @@ import numpy as np
 from google.protobuf import json_format
 from safetensors.numpy import load as load_safetensors
 
-from service.errors import FieldViolation, InvalidArgument
+from service.errors import FieldViolation, InvalidArgument, echo, echo_key
 from warmstart.v1 import manifest_pb2 as pb
 
 MANIFEST_FILE = "manifest.json"
@@ -202,19 +202,21 @@ class FeatureEncoder:
         violations: list[FieldViolation] = []
         for name, text in attributes.items():
             codec = by_name.get(name)
+            where = f"{field}[{echo_key(name)}]"
             if codec is None:
                 known = ", ".join(sorted(n for n in by_name if by_name[n] is not self._id_codec)) or "none"
-                violations.append(FieldViolation(f'{field}["{name}"]', f"unknown {side} attribute (known: {known})"))
+                violations.append(FieldViolation(where, f"unknown {side} attribute (known: {echo(known, 120)})"))
                 continue
             if codec is self._id_codec:
-                violations.append(FieldViolation(f'{field}["{name}"]', "reserved: the item id itself fills this field"))
+                violations.append(FieldViolation(where, "reserved: the item id itself fills this field"))
                 continue
             values = codec.parse(text, self.separator)
             if not allow_unknown_values:
                 unknown = sorted({v for v in values if v not in codec.index})
                 if unknown:
-                    shown = ", ".join(repr(v) for v in unknown[:5])
-                    violations.append(FieldViolation(f'{field}["{name}"]', f"value(s) not in the vocabulary: {shown}"))
+                    shown = ", ".join(echo(v, 40) for v in unknown[:3])
+                    more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+                    violations.append(FieldViolation(where, f"value(s) not in the vocabulary: {shown}{more}"))
                     continue
             _put(row, codec, codec.codes(values))
         return violations

@@ -62,7 +62,13 @@ class ServiceConfig:
     tls_cert: Path | None = _option(None, "PEM server certificate (with --tls-key: serve TLS)", _optional_path, "FILE")
     tls_key: Path | None = _option(None, "PEM private key of --tls-cert", _optional_path, "FILE")
     tls_client_ca: Path | None = _option(None, "PEM CA bundle: require client certificates signed by it (mTLS)", _optional_path, "FILE")
-    grace_period_s: float = _option(10.0, "on SIGTERM, seconds in-flight requests get to finish", float, "S")
+    drain_delay_s: float = _option(
+        5.0,
+        "on SIGTERM, seconds the server keeps serving after health turns NOT_SERVING, so that balancers stop routing to it",
+        float,
+        "S",
+    )
+    grace_period_s: float = _option(10.0, "after the drain delay, seconds in-flight requests get to finish", float, "S")
     # Engine.
     engine: str = _option("onnxruntime", f"engine: {' | '.join(ENGINE_KINDS)}", str, "KIND")
     device: str = _option("auto", f"device: {' | '.join(DEVICES)} (auto = a GPU when one is usable)", str, "DEVICE")
@@ -82,6 +88,9 @@ class ServiceConfig:
         0.002, "under load, longest a request waits for others to join its batch (idle: none)", float, "S"
     )
     queue_size: int = _option(256, "most requests waiting for a batch; beyond it requests get RESOURCE_EXHAUSTED", int, "N")
+    max_in_flight: int = _option(
+        64, "most Recommend/Score calls in progress at once; beyond it calls get RESOURCE_EXHAUSTED at once", int, "N"
+    )
     batch_workers: int = _option(1, "engine calls in flight at once", int, "N")
     min_support_bucket: int = _option(1, "smallest padded support length (buckets double up to --max-interactions)", int, "N")
     min_query_bucket: int = _option(16, "smallest padded candidate count (buckets double up to the candidate limit)", int, "N")
@@ -122,14 +131,14 @@ class ServiceConfig:
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         for name in (
-            "max_batch_size", "queue_size", "batch_workers", "min_support_bucket", "min_query_bucket",
+            "max_batch_size", "queue_size", "max_in_flight", "batch_workers", "min_support_bucket", "min_query_bucket",
             "max_interactions", "max_candidates",
         ):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_message_bytes < 1024:
             fail("max_message_bytes", f"must be >= 1024, got {self.max_message_bytes}")
-        for name in ("max_wait_s", "poll_interval_s", "grace_period_s"):
+        for name in ("max_wait_s", "poll_interval_s", "grace_period_s", "drain_delay_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 fail(name, f"must be a finite number >= 0, got {value}")

@@ -255,7 +255,7 @@ class GatedProcess:
                 "--model-repository", str(repository), "--model-name", "tiny",
                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                 "--poll-interval-s", "0", "--max-interactions", "8", "--max-candidates", "32", "--log-level", "WARNING",
-                *flags,
+                "--drain-delay-s", "0", *flags,
             ],
             cwd=ROOT,
             stdin=subprocess.PIPE,
