@@ -54,6 +54,12 @@ class ServiceConfig:
     )
     model_name: str = _option("", "model to serve (default: the only model in the repository)", str, "NAME")
     poll_interval_s: float = _option(30.0, "seconds between checks for a new version; 0 = only on SIGHUP", float, "S")
+    trusted_keys: Path | None = _option(
+        None,
+        "PEM file of Ed25519 public keys: serve only versions whose manifest.sig one of them verifies (unsigned ones are refused)",
+        _optional_path,
+        "FILE",
+    )
     # Network.
     host: str = _option("[::]", "gRPC listen address (IPv6 in brackets)", str, "HOST")
     port: int = _option(50051, "gRPC port; 0 = pick a free one (printed at start)", int, "PORT")
@@ -148,7 +154,7 @@ class ServiceConfig:
             fail("tls_cert" if self.tls_cert is None else "tls_key", "--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             fail("tls_client_ca", "mTLS needs the server's own --tls-cert and --tls-key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "trusted_keys"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 fail(name, f"{path} is not a readable file")

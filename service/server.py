@@ -37,6 +37,7 @@ from service.engines import EngineConfig, create_engine
 from service.metrics import Metrics, MetricsEndpoint, serve_metrics
 from service.repository import EngineFactory, LoadedModel, ModelManager, ModelSettings, load_model, resolve_model_name
 from service.servicer import SERVICE_NAME, Admission, add_recommender
+from warmstart import signature
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,17 @@ class DrainingHealthServicer(health.aio.HealthServicer):
             await asyncio.gather(watch, ending, return_exceptions=True)
 
 
+def _trusted_keys(config: ServiceConfig) -> tuple | None:
+    if config.trusted_keys is None:
+        return None
+    try:
+        keys = tuple(signature.load_public_keys(config.trusted_keys))
+    except signature.SignatureError as exc:
+        raise ConfigError(f"--trusted-keys / WARMSTART_TRUSTED_KEYS: {exc}") from exc
+    log.info("serving signed versions only: %d trusted key(s) %s", len(keys), ", ".join(signature.key_id(k) for k in keys))
+    return keys
+
+
 def _server_credentials(config: ServiceConfig) -> grpc.ServerCredentials:
     assert config.tls_cert is not None and config.tls_key is not None
     ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
@@ -177,6 +189,7 @@ async def create_server(config: ServiceConfig, engine_factory: EngineFactory = c
         min_support_bucket=config.min_support_bucket,
         min_query_bucket=config.min_query_bucket,
         warmup_batch_size=config.max_batch_size,
+        trusted_keys=_trusted_keys(config),
     )
     health_servicer = DrainingHealthServicer()
     for service in HEALTH_SERVICES:
