@@ -6,8 +6,8 @@ highest loadable one is served. Dot-prefixed directories (an export in progress 
 and warmed up (every shape bucket) in a thread while the current one keeps serving, then
 becomes current by one reference assignment on the event loop: batches already formed
 finish on the model they were encoded for. A version that fails to load is refused (log
-+ metric) and remembered with a fingerprint of its directory (names, sizes, modification
-times): polling retries it only once that changes (a version still being copied in is
++ metric) and remembered with a fingerprint of its directory (names, sizes, times,
+inodes): polling retries it only once that changes (a version still being copied in is
 picked up when the copy completes), an explicit reload (SIGHUP) retries it anyway.
 """
 
@@ -138,7 +138,9 @@ def directory_fingerprint(path: Path) -> tuple:
                 info = entry.lstat()
             except FileNotFoundError:  # removed while we looked: the next poll sees the change
                 continue
-            entries.append((entry.relative_to(path).as_posix(), info.st_size, info.st_mtime_ns, info.st_mode))
+            entries.append(
+                (entry.relative_to(path).as_posix(), info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_mode)
+            )
     return tuple(sorted(entries))
 
 
