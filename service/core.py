@@ -193,7 +193,6 @@ class RecommenderCore:
         violations.extend(_label_violations(model, interactions.labels))
         unknown: list[UnknownItem] = []
         support_items = self._item_codes(model, interactions.items, positions, "interaction", unknown, violations)
-        support_labels = np.array([interactions.labels[k] for k in positions], dtype=np.float32)
 
         if items is None:
             query_items = model.artifact.catalog.codes
@@ -202,6 +201,7 @@ class RecommenderCore:
             query_items = self._item_codes(model, items, range(len(items)), "candidate", unknown, violations)
         if violations:
             raise InvalidArgument(violations)
+        support_labels = np.array([interactions.labels[k] for k in positions], dtype=np.float32)  # in range: checked
         return _Encoded(UserInputs(user_row, support_items, support_labels, query_items), tuple(unknown))
 
     def _item_codes(
