@@ -1,9 +1,9 @@
 """The gRPC servicer: the only module that touches warmstart.v1 request and response types.
 
 Each RPC converts its protobuf request to domain objects, delegates to RecommenderCore,
-and converts the result back. One wrapper around every RPC maps exceptions to statuses
-(through errors.to_status), records the RED metrics, and enforces the request size
-limit: the methods are registered with raw-bytes requests so that a message over
+and converts the result back. One wrapper around every RPC admits it or refuses it at
+once when the server is full (Admission), maps exceptions to statuses (through
+errors.to_status), records the RED metrics, and enforces the request size limit: the methods are registered with raw-bytes requests so that a message over
 `max_message_bytes` gets INVALID_ARGUMENT with a BadRequest naming it (gRPC's own
 receive limit, set higher as a memory guard, would answer RESOURCE_EXHAUSTED with no
 detail).
@@ -136,15 +136,13 @@ class Admission:
     """Counts the Recommender calls in progress and admits at most `limit` Recommend and
     Score calls at once: when the server is full the handler itself answers
     RESOURCE_EXHAUSTED at once, instead of letting calls wait in front of it until their
-    deadline. A drain waits for exactly these calls (not for health Watch streams)."""
+    deadline."""
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError(f"the admission limit must be >= 1, got {limit}")
         self.limit = limit
         self.count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def try_enter(self) -> bool:
         """Admits one call unless `limit` are in progress."""
@@ -156,15 +154,9 @@ class Admission:
     def enter(self) -> None:
         """Counts one call whatever the limit (cheap RPCs that are never refused)."""
         self.count += 1
-        self._idle.clear()
 
     def leave(self) -> None:
         self.count -= 1
-        if self.count == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
 
 
 # Refusals of a full server are answered from one prebuilt status: the cheaper a refusal,

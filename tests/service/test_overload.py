@@ -18,7 +18,7 @@ from service.padding import EngineInputs, EngineOutputs
 from tests.service.harness import ServerThread, make_config, recommend_request
 from warmstart.v1 import recommender_pb2 as pb, recommender_pb2_grpc as pb_grpc
 
-ENGINE_S = 0.01  # each engine call of the slowed engine: capacity = max_batch_size / ENGINE_S users/s
+ENGINE_S = 0.02  # each engine call of the slowed engine: capacity = max_batch_size / ENGINE_S users/s
 
 
 class SlowEngine:
@@ -91,7 +91,7 @@ def test_a_burst_beyond_capacity_is_refused_at_once_and_the_admitted_calls_finis
     caplog.set_level(logging.WARNING)
     factory = SlowFactory()
     config = make_config(tiny_repository, model_name="tiny", max_batch_size=4, max_in_flight=8, max_wait_s=0.0)
-    capacity_per_s = config.max_batch_size / ENGINE_S  # 400 users/s at most
+    capacity_per_s = config.max_batch_size / ENGINE_S  # 200 users/s at most
     rng = np.random.default_rng(5)
     requests = [recommend_request(item_ids, 3, 10, rng) for _ in range(16)]
     # One call in eight gives up after 2 ms: it ends while queued or while being answered,
@@ -109,9 +109,11 @@ def test_a_burst_beyond_capacity_is_refused_at_once_and_the_admitted_calls_finis
     all_refused = sum(code == "RESOURCE_EXHAUSTED" for code, _, _ in results)
     assert full == all_refused  # the handler refused them, with its metric, not gRPC's core
     # Refusals are answered at once; admitted calls wait behind at most max_in_flight
-    # others (a few engine calls), not until their deadline. Bounds are loose for CI.
-    assert max(refused) < 1.0, max(refused)
-    assert max(ok) < 2.0, max(ok)
+    # others (two engine calls), not until their 5 s deadline. The bounds leave room for a
+    # loaded CI machine, where client and server share two cores and one interpreter.
+    assert float(np.median(refused)) < 0.25, float(np.median(refused))
+    assert max(refused) < 2.5, max(refused)
+    assert max(ok) < 2.5, max(ok)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage()[:200] for r in errors]
 

@@ -156,3 +156,29 @@ def test_large_vocabularies_go_to_files(tmp_path):
     assert not field.vocabulary and field.vocabulary_file == "vocab/item.item_id.txt"
     assert tuple((tmp_path / field.vocabulary_file).read_text().splitlines()) == values
     assert field.vocabulary_size == len(values)
+
+
+def test_partial_directories_of_killed_exports_are_removed(tmp_path: Path):
+    """An export killed midway leaves `.<version>.partial-<host>-<pid>-*`; the next export
+    removes it once that process is gone, and leaves one still being written alone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    tag = E._owner_tag().rsplit("-", 1)[0]
+    dead = tmp_path / f".3.partial-{tag}-{dead_pid}-abc"
+    live = tmp_path / f".4.partial-{tag}-{os.getpid()}-def"
+    foreign_old = tmp_path / ".5.partial-otherhost-1-ghi"
+    foreign_new = tmp_path / ".6.partial-otherhost-1-jkl"
+    for directory in (dead, live, foreign_old, foreign_new):
+        (directory / "vocab").mkdir(parents=True)
+        (directory / "vocab" / "f.txt").write_text("x\n")
+    (dead / "vocab").chmod(0o555)  # as _make_read_only leaves it
+    old = time.time() - E.PARTIAL_MAX_AGE_S - 60
+    os.utime(foreign_old, (old, old))
+    removed = E.remove_abandoned_partials(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([dead.name, foreign_old.name])
+    assert not dead.exists() and not foreign_old.exists() and live.exists() and foreign_new.exists()
