@@ -68,6 +68,7 @@ class Outcomes:
     offered: int = 0
     latencies_s: dict[str, list[float]] = field(default_factory=dict)
     server: Counter = field(default_factory=Counter)  # the server's count of the same calls by code
+    details: Counter = field(default_factory=Counter)  # (code, details) of the calls that failed
 
     def add(self, code: str, latency_s: float) -> None:
         self.latencies_s.setdefault(code, []).append(latency_s)
@@ -99,6 +100,7 @@ async def _one(call, request, timeout_s: float, outcomes: Outcomes) -> None:
         code = "OK"
     except grpc.aio.AioRpcError as error:
         code = error.code().name
+        outcomes.details[(code, (error.details() or "")[:60])] += 1
     outcomes.add(code, time.perf_counter() - started)
 
 
@@ -174,12 +176,16 @@ def server_counts(metrics_port: int) -> Counter:
     return counts
 
 
-def error_lines(log_path: Path, start: int = 0) -> tuple[int, int]:
-    """(ERROR lines, tracebacks) in the server's log from byte `start`."""
+def error_lines(log_path: Path, start: int = 0) -> tuple[int, int, list[str]]:
+    """(ERROR lines, tracebacks, the first few ERROR lines and exception lines) in the
+    server's log from byte `start`."""
     with log_path.open("rb") as fh:
         fh.seek(start)
         text = fh.read().decode("utf-8", "replace")
-    return sum(" ERROR " in line for line in text.splitlines()), text.count("Traceback")
+    lines = text.splitlines()
+    errors = [line for line in lines if " ERROR " in line]
+    shown = [line[:200] for line in lines if " ERROR " in line or (line and not line[0].isspace() and "Error" in line.split(":")[0])]
+    return len(errors), text.count("Traceback"), shown[:6]
 
 
 async def wait_serving(channel: grpc.aio.Channel) -> None:
@@ -310,8 +316,12 @@ def report(result: dict, drains: list[DrainRound], args) -> None:
     for factor, o in result["overloads"].items():
         print(f"{factor:>4.1f}x as the server counted them (calls that reached the handler): "
               + (", ".join(f"{c} {n}" for c, n in o.server.most_common()) or "none"))
-    errors, tracebacks = result["errors"]
+        print("      failures as the client saw them: "
+              + "; ".join(f"{c} {d!r} {n}" for (c, d), n in o.details.most_common(5)))
+    errors, tracebacks, shown = result["errors"]
     print(f"server log during the measured parts: {errors} ERROR lines, {tracebacks} tracebacks")
+    for line in shown:
+        print(f"  {line}")
     print("goals: goodput >= 90 % of capacity at 2x and 3x; accepted p99 <= 3x the unloaded p99")
     if drains:
         print()

@@ -97,6 +97,12 @@ class ServiceConfig:
     max_in_flight: int = _option(
         64, "most Recommend/Score calls in progress at once; beyond it calls get RESOURCE_EXHAUSTED at once", int, "N"
     )
+    max_pending_rpcs: int = _option(
+        256,
+        "calls waiting inside gRPC for the server to take them up; beyond it gRPC refuses some at once (all at twice it): CANCELLED",
+        int,
+        "N",
+    )
     batch_workers: int = _option(1, "engine calls in flight at once", int, "N")
     min_support_bucket: int = _option(1, "smallest padded support length (buckets double up to --max-interactions)", int, "N")
     min_query_bucket: int = _option(16, "smallest padded candidate count (buckets double up to the candidate limit)", int, "N")
@@ -137,7 +143,7 @@ class ServiceConfig:
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         for name in (
-            "max_batch_size", "queue_size", "max_in_flight", "batch_workers", "min_support_bucket", "min_query_bucket",
+            "max_batch_size", "queue_size", "max_in_flight", "max_pending_rpcs", "batch_workers", "min_support_bucket", "min_query_bucket",
             "max_interactions", "max_candidates",
         ):
             if getattr(self, name) < 1:

@@ -143,6 +143,27 @@ class DrainingHealthServicer(health.aio.HealthServicer):
             await asyncio.gather(watch, ending, return_exceptions=True)
 
 
+class _AnswerToAGoneCallFilter(logging.Filter):
+    """gRPC logs an ERROR with a traceback when a handler's answer (a response or an abort)
+    reaches a call the client already ended (cancelled, or its deadline passed) before the
+    handler could see it: under overload that is routine, and nothing failed on this side.
+    Those records become one DEBUG line; every other gRPC record passes unchanged."""
+
+    MARKER = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(self.MARKER):
+            log.debug("an answer reached a call its client had already ended: %s", record.getMessage()[:200])
+            return False
+        return True
+
+
+def _quiet_answers_to_gone_calls() -> None:
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _AnswerToAGoneCallFilter) for f in grpc_log.filters):
+        grpc_log.addFilter(_AnswerToAGoneCallFilter())
+
+
 def _trusted_keys(config: ServiceConfig) -> tuple | None:
     if config.trusted_keys is None:
         return None
@@ -171,6 +192,7 @@ async def create_server(config: ServiceConfig, engine_factory: EngineFactory = c
     """
     assert config.model_repository is not None
     model_dir = Path(config.model_repository) / resolve_model_name(Path(config.model_repository), config.model_name)
+    _quiet_answers_to_gone_calls()
     metrics = Metrics()
     metrics.ready(False)
     batcher = DynamicBatcher(BatcherConfig(config.max_batch_size, config.max_wait_s, config.queue_size, config.batch_workers), metrics)
@@ -211,7 +233,16 @@ async def create_server(config: ServiceConfig, engine_factory: EngineFactory = c
     )
     transport_limit = config.max_message_bytes * TRANSPORT_LIMIT_FACTOR
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", transport_limit), ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_receive_message_length", transport_limit),
+            ("grpc.so_reuseport", 0),
+            # Calls wait in gRPC until the event loop takes them; when a CPU-bound loop falls
+            # behind, this queue (1000 by default) held calls until their deadlines passed.
+            # Bounded, gRPC refuses calls beyond it at once (randomly from the soft limit,
+            # all at the hard one); the client sees CANCELLED.
+            ("grpc.server.max_pending_requests", config.max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
+        ],
         # A backstop behind the handler's own limit (which answers with metrics and a
         # message): gRPC refuses RPCs of any kind beyond this many at once, RESOURCE_EXHAUSTED.
         maximum_concurrent_rpcs=config.max_in_flight * GRPC_LIMIT_FACTOR + GRPC_LIMIT_HEADROOM,
