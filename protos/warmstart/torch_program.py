@@ -1,9 +1,9 @@
 """The torch engine's program file: a torch.export program stored without pickle.
 
 `torch.export.save` writes a zip in which sample inputs (and any tensor it cannot store
-raw) are pickles, and `torch.export.load` unpickles them (falling back to
-`torch.load(weights_only=False)`): anyone who can write the model repository could make
-a server run code. An artifact is data, never code, so the program is stored as one
+raw) are pickles, and torch's loader unpickles them (falling back to an unrestricted
+unpickler when the restricted one refuses): anyone who can write the model repository
+could make a server run code. An artifact is data, never code, so the program is stored as one
 safetensors file instead:
 
 - the tensors: the program's state dict (`state_dict/<fqn>`) and tensor constants

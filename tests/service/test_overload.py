@@ -106,8 +106,11 @@ def test_a_burst_beyond_capacity_is_refused_at_once_and_the_admitted_calls_finis
     ok = [latency for code, latency in patient if code == "OK"]
     refused = [latency for code, latency in patient if code == "RESOURCE_EXHAUSTED"]
     assert ok and refused and codes == ["OK", "RESOURCE_EXHAUSTED"], codes
+    # The handler refused them, with its metric (not gRPC's core). A client that gave up
+    # after 2 ms may see its own deadline before the refusal reaches it.
     all_refused = sum(code == "RESOURCE_EXHAUSTED" for code, _, _ in results)
-    assert full == all_refused  # the handler refused them, with its metric, not gRPC's core
+    impatient = len(results) - len(patient)
+    assert all_refused <= full <= all_refused + impatient, (full, all_refused)
     # Refusals are answered at once; admitted calls wait behind at most max_in_flight
     # others (two engine calls), not until their 5 s deadline. The bounds leave room for a
     # loaded CI machine, where client and server share two cores and one interpreter.
