@@ -305,3 +305,24 @@ def test_signatures_are_checked_only_when_keys_are_trusted(copy: Path, tmp_path:
     # Both keys in one file (a rotation): either verifies.
     (tmp_path / "both.pem").write_bytes((tmp_path / "a.pem").read_bytes() + (tmp_path / "b.pem").read_bytes())
     assert len(signature.load_public_keys(tmp_path / "both.pem")) == 2
+
+
+def test_the_signing_script_signs_what_the_loader_verifies(copy: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from warmstart import signature
+
+    script = [sys.executable, str(Path(__file__).resolve().parents[2] / "scripts" / "sign_artifact.py")]
+    key, public = tmp_path / "signer.key", tmp_path / "trusted.pem"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*script, *args], capture_output=True, text=True, timeout=60)
+
+    assert run("keygen", "--private-key", str(key), "--public-key", str(public)).returncode == 0
+    assert key.stat().st_mode & 0o077 == 0  # the private key is its owner's only
+    assert run("verify", "--public-key", str(public), str(copy)).returncode == 1  # unsigned
+    assert run("sign", "--private-key", str(key), str(copy)).returncode == 0
+    assert run("verify", "--public-key", str(public), str(copy)).returncode == 0
+    assert load_artifact(copy, signature.load_public_keys(public)).model_version == "1"
+    assert run("sign", "--private-key", str(tmp_path / "missing.key"), str(copy)).returncode == 2
