@@ -98,7 +98,7 @@ class ServiceConfig:
         64, "most Recommend/Score calls in progress at once; beyond it calls get RESOURCE_EXHAUSTED at once", int, "N"
     )
     max_pending_rpcs: int = _option(
-        256,
+        128,
         "calls waiting inside gRPC for the server to take them up; beyond it gRPC refuses some at once (all at twice it): CANCELLED",
         int,
         "N",
