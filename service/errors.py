@@ -33,10 +33,11 @@ MAX_DETAILS_BYTES = 4096  # the serialized BadRequest (base64 in the trailer: a 
 def echo(value: object, limit: int = ECHO_CHARS) -> str:
     """A request value quoted for an error or a log line: ASCII (gRPC percent-encodes the
     rest, tripling it) and at most about `limit` characters, with the length it had."""
-    text = ascii(value if isinstance(value, str) else str(value))
-    if len(text) <= limit:
-        return text
-    return f"{text[: limit - 4]}...' ({len(value) if isinstance(value, str) else len(text)} chars)"
+    text = value if isinstance(value, str) else str(value)
+    quoted = ascii(text[:limit])  # cut first: a request string may be megabytes long
+    if len(text) <= limit and len(quoted) <= limit:
+        return quoted
+    return f"{quoted[: limit - 4]}...' ({len(text)} chars)"
 
 
 def echo_key(name: str, limit: int = ECHO_CHARS) -> str:
