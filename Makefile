@@ -21,7 +21,7 @@ RUN_ARGS = $(if $(DATASET),--dataset "$(DATASET)") $(if $(DATA_PATH),--data-path
   $(if $(REPOSITORY),--repository "$(REPOSITORY)") $(if $(MODEL_NAME),--model-name "$(MODEL_NAME)") \
   $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)") $(if $(filter 1 yes true,$(RETRAIN)),--retrain)
 
-.PHONY: install run test test-fast protos lint bench clean
+.PHONY: install run test promtool test-fast protos lint bench clean
 
 # The install steps. The Dockerfile runs the same pip lines (tests/ops/test_dockerfile.py
 # checks it): torch first, pinned, so the project's range does not pull a different build.
@@ -38,9 +38,23 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) scripts/main.py $(strip $(RUN_ARGS) -- $(SERVE_ARGS))
 
-## The whole test suite (what .ci/run calls).
-test: $(STAMP)
+## The whole test suite (what .ci/run calls); installs promtool first when it is missing.
+test: $(STAMP) promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## promtool (Debian's prometheus package) checks the alert rules and /metrics in tests/ops:
+## installed with apt-get when missing (sudo when not root); elsewhere, a hint and go on
+## (those tests then fail with the same hint).
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO="sudo"; \
+	    echo "installing promtool (Debian's prometheus package) for tests/ops ..."; \
+	    $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "promtool is missing and there is no apt-get: install Prometheus' promtool for tests/ops" >&2; \
+	  fi; }
 
 ## Regenerate the protobuf / gRPC modules from protos/.
 protos: $(STAMP)

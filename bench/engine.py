@@ -3,7 +3,7 @@
 For every cell of the grid (batch B, support S, candidates Q; the artifact's inner
 steps) it times, interleaved round by round so that all see the same background load:
 
-- the engines: onnxruntime CPU, torch CPU (model.pt2), and where CUDA is present torch
+- the engines: onnxruntime CPU, torch CPU (torch program), and where CUDA is present torch
   CUDA eager, torch CUDA graphs and onnxruntime CUDA (if its provider is installed);
 - baseline (a), the naive loop: per user a deep copy of an nn.Module holding the model,
   torch.optim.SGD for the inner steps, then predict (bench/reference.py);
@@ -130,10 +130,10 @@ METHOD_NAMES = {
     ("naive", "cpu"): "naive loop (CPU)",
     ("eager", "cpu"): "torch.func eager (CPU)",
     ("onnxruntime", "cpu"): "onnxruntime CPU",
-    ("torch", "cpu"): "torch CPU (model.pt2)",
+    ("torch", "cpu"): "torch CPU (torch program)",
     ("naive", "cuda"): "naive loop (CUDA)",
     ("eager", "cuda"): "torch.func eager (CUDA)",
-    ("torch", "cuda"): "torch CUDA eager (model.pt2)",
+    ("torch", "cuda"): "torch CUDA eager (torch program)",
     ("torch-graphs", "cuda"): "torch CUDA graphs",
     ("onnxruntime", "cuda"): "onnxruntime CUDA",
 }
@@ -428,11 +428,13 @@ def print_roofline(methods: list[Method], results: dict, artifact: Artifact, arg
         ceilings[device] = measure_ceilings(device)
     if not ceilings:
         return
-    module = torch.export.load(str(artifact.torch_export_path)).module()
+    from warmstart.torch_program import load_program
+
+    module = load_program(artifact.torch_export_path).module()
     print("\nRoofline. Ceilings measured now: " + "; ".join(
         f"{d} ({c.device}): float32 matmul {c.matmul_flops_per_s / 1e12:.2f} TFLOP/s, copy {c.copy_bytes_per_s / 1e9:.0f} GB/s"
         for d, c in ceilings.items()))
-    print("flops and bytes per call counted from model.pt2's ops; graph bytes = every op's inputs + outputs; "
+    print("flops and bytes per call counted from the torch program's ops; graph bytes = every op's inputs + outputs; "
           "compulsory = inputs + outputs + each table once")
     print(f"{'B':>5} {'S':>3} {'Q':>5} {'engine':<30} {'MFLOP':>8} {'graph MB':>9} {'comp. MB':>9} {'GFLOP/s':>8} "
           f"{'% matmul':>8} {'graph GB/s':>10} {'% bw':>6} {'% roofline':>10}")

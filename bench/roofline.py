@@ -1,6 +1,6 @@
 """Floating-point operations and bytes of one adapt+score call, and the machine's ceilings.
 
-`count_call` runs the exported program (model.pt2) once under a dispatch mode that sees
+`count_call` runs the exported torch program once under a dispatch mode that sees
 every aten op the graph executes, and counts:
 
 - flops: 2*M*N*K for matrix products, one per output element for elementwise ops, one

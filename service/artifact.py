@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal, Mapping, Sequence
@@ -26,11 +27,15 @@ import numpy as np
 from google.protobuf import json_format
 from safetensors.numpy import load as load_safetensors
 
-from service.errors import FieldViolation, InvalidArgument
+from service.errors import FieldViolation, InvalidArgument, echo, echo_key
+from warmstart import signature
+from warmstart.signature import SIGNATURE_FILE
 from warmstart.v1 import manifest_pb2 as pb
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_DIGEST_FILE = "manifest.sha256"  # the manifest's own sha256, in sha256sum format
+# Files beside the manifest that it cannot list: its digest, and its optional signature.
+UNLISTED_FILES = (MANIFEST_FILE, MANIFEST_DIGEST_FILE, signature.SIGNATURE_FILE)
 SUPPORTED_SCHEMA_VERSIONS = (pb.MANIFEST_SCHEMA_V1,)
 INPUT_NAMES = ("user_features", "support_items", "support_labels", "support_mask", "query_items")
 OUTPUT_NAMES = ("query_scores", "support_loss_before", "support_loss_after", "query_engagement")
@@ -84,6 +89,12 @@ class ContentError(ArtifactError):
     """A listed file is intact but its content contradicts the manifest."""
 
     reason = "content"
+
+
+class SignatureRefusedError(ArtifactError):
+    """The server trusts signed versions only, and this one is unsigned or signed by a key it does not trust."""
+
+    reason = "signature"
 
 
 class GraphMismatchError(ArtifactError):
@@ -203,19 +214,21 @@ class FeatureEncoder:
         violations: list[FieldViolation] = []
         for name, text in attributes.items():
             codec = by_name.get(name)
+            where = f"{field}[{echo_key(name)}]"
             if codec is None:
                 known = ", ".join(sorted(n for n in by_name if by_name[n] is not self._id_codec)) or "none"
-                violations.append(FieldViolation(f'{field}["{name}"]', f"unknown {side} attribute (known: {known})"))
+                violations.append(FieldViolation(where, f"unknown {side} attribute (known: {echo(known, 120)})"))
                 continue
             if codec is self._id_codec:
-                violations.append(FieldViolation(f'{field}["{name}"]', "reserved: the item id itself fills this field"))
+                violations.append(FieldViolation(where, "reserved: the item id itself fills this field"))
                 continue
             values = codec.parse(text, self.separator)
             if not allow_unknown_values:
                 unknown = sorted({v for v in values if v not in codec.index})
                 if unknown:
-                    shown = ", ".join(repr(v) for v in unknown[:5])
-                    violations.append(FieldViolation(f'{field}["{name}"]', f"value(s) not in the vocabulary: {shown}"))
+                    shown = ", ".join(echo(v, 40) for v in unknown[:3])
+                    more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+                    violations.append(FieldViolation(where, f"value(s) not in the vocabulary: {shown}{more}"))
                     continue
             _put(row, codec, codec.codes(values))
         return violations
@@ -337,10 +350,13 @@ def _compare_signatures(
         raise GraphMismatchError(file, f"the graph has {kind}(s) the manifest does not list: {', '.join(unexpected)}")
 
 
-def load_artifact(path: Path) -> Artifact:
-    """Verifies and loads one artifact directory; raises an ArtifactError naming the file at fault."""
+def load_artifact(path: Path, trusted_keys: Sequence | None = None) -> Artifact:
+    """Verifies and loads one artifact directory; raises an ArtifactError naming the file at fault.
+
+    trusted_keys: Ed25519 public keys; when given, the version must carry a manifest.sig
+    that one of them verifies (warmstart.signature)."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, trusted_keys)
     verify_files(path, manifest)
     encoder = _encoder(path, manifest)
     label = _label(manifest.label)
@@ -349,8 +365,9 @@ def load_artifact(path: Path) -> Artifact:
     return Artifact(path, manifest, encoder, catalog, label, inputs, outputs)
 
 
-def read_manifest(path: Path) -> pb.ArtifactManifest:
-    """Parses manifest.json; the schema version is checked before the rest is interpreted."""
+def read_manifest(path: Path, trusted_keys: Sequence | None = None) -> pb.ArtifactManifest:
+    """Parses manifest.json (after its digest, and its signature when trusted_keys are
+    given); the schema version is checked before the rest is interpreted."""
     file = path / MANIFEST_FILE
     try:
         data = file.read_bytes()
@@ -359,6 +376,8 @@ def read_manifest(path: Path) -> pb.ArtifactManifest:
     except OSError as exc:
         raise ManifestError(MANIFEST_FILE, f"unreadable: {exc}") from exc
     _check_manifest_digest(path, data)
+    if trusted_keys is not None:
+        _check_signature(path, data, trusted_keys)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -395,6 +414,19 @@ def _check_manifest_digest(path: Path, manifest_bytes: bytes) -> None:
         raise ChecksumMismatchError(MANIFEST_FILE, f"sha256 {digest} does not match {MANIFEST_DIGEST_FILE} ({parts[0]})")
 
 
+def _check_signature(path: Path, manifest_bytes: bytes, trusted_keys: Sequence) -> None:
+    try:
+        text = (path / SIGNATURE_FILE).read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise SignatureRefusedError(SIGNATURE_FILE, "missing: this server serves signed versions only (--trusted-keys)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SignatureRefusedError(SIGNATURE_FILE, f"unreadable: {exc}") from exc
+    try:
+        signature.verify(manifest_bytes, text, trusted_keys)
+    except signature.SignatureError as exc:
+        raise SignatureRefusedError(SIGNATURE_FILE, str(exc)) from exc
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -423,10 +455,15 @@ def verify_files(path: Path, manifest: pb.ArtifactManifest) -> None:
         digest = sha256_file(file)
         if digest != entry.sha256.lower():
             raise ChecksumMismatchError(relative, f"sha256 {digest} does not match the manifest's {entry.sha256}")
-    for file in sorted(p for p in path.rglob("*") if not p.is_dir()):
-        relative = file.relative_to(path).as_posix()
-        if relative not in (MANIFEST_FILE, MANIFEST_DIGEST_FILE) and relative not in listed:
-            raise UnlistedFileError(relative, "present in the artifact but not listed in the manifest")
+    # os.walk does not enter linked directories but names them: every entry is seen.
+    for directory, subdirectories, files in os.walk(path):
+        for name in sorted(subdirectories + files):
+            entry = Path(directory) / name
+            relative = entry.relative_to(path).as_posix()
+            if entry.is_symlink():
+                raise UnlistedFileError(relative, "a symbolic link: an artifact holds plain files and directories only")
+            if name in files and relative not in UNLISTED_FILES and relative not in listed:
+                raise UnlistedFileError(relative, "present in the artifact but not listed in the manifest")
 
 
 def _safe_relative(text: str) -> str:

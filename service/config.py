@@ -54,6 +54,12 @@ class ServiceConfig:
     )
     model_name: str = _option("", "model to serve (default: the only model in the repository)", str, "NAME")
     poll_interval_s: float = _option(30.0, "seconds between checks for a new version; 0 = only on SIGHUP", float, "S")
+    trusted_keys: Path | None = _option(
+        None,
+        "PEM file of Ed25519 public keys: serve only versions whose manifest.sig one of them verifies (unsigned ones are refused)",
+        _optional_path,
+        "FILE",
+    )
     # Network.
     host: str = _option("[::]", "gRPC listen address (IPv6 in brackets)", str, "HOST")
     port: int = _option(50051, "gRPC port; 0 = pick a free one (printed at start)", int, "PORT")
@@ -62,7 +68,13 @@ class ServiceConfig:
     tls_cert: Path | None = _option(None, "PEM server certificate (with --tls-key: serve TLS)", _optional_path, "FILE")
     tls_key: Path | None = _option(None, "PEM private key of --tls-cert", _optional_path, "FILE")
     tls_client_ca: Path | None = _option(None, "PEM CA bundle: require client certificates signed by it (mTLS)", _optional_path, "FILE")
-    grace_period_s: float = _option(10.0, "on SIGTERM, seconds in-flight requests get to finish", float, "S")
+    drain_delay_s: float = _option(
+        5.0,
+        "on SIGTERM, seconds the server keeps serving after health turns NOT_SERVING, so that balancers stop routing to it",
+        float,
+        "S",
+    )
+    grace_period_s: float = _option(10.0, "after the drain delay, seconds in-flight requests get to finish", float, "S")
     # Engine.
     engine: str = _option("onnxruntime", f"engine: {' | '.join(ENGINE_KINDS)}", str, "KIND")
     device: str = _option("auto", f"device: {' | '.join(DEVICES)} (auto = a GPU when one is usable)", str, "DEVICE")
@@ -82,6 +94,15 @@ class ServiceConfig:
         0.002, "under load, longest a request waits for others to join its batch (idle: none)", float, "S"
     )
     queue_size: int = _option(256, "most requests waiting for a batch; beyond it requests get RESOURCE_EXHAUSTED", int, "N")
+    max_in_flight: int = _option(
+        64, "most Recommend/Score calls in progress at once; beyond it calls get RESOURCE_EXHAUSTED at once", int, "N"
+    )
+    max_pending_rpcs: int = _option(
+        128,
+        "calls waiting inside gRPC for the server to take them up; beyond it gRPC refuses some at once (all at twice it): CANCELLED",
+        int,
+        "N",
+    )
     batch_workers: int = _option(1, "engine calls in flight at once", int, "N")
     min_support_bucket: int = _option(1, "smallest padded support length (buckets double up to --max-interactions)", int, "N")
     min_query_bucket: int = _option(16, "smallest padded candidate count (buckets double up to the candidate limit)", int, "N")
@@ -122,14 +143,14 @@ class ServiceConfig:
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         for name in (
-            "max_batch_size", "queue_size", "batch_workers", "min_support_bucket", "min_query_bucket",
+            "max_batch_size", "queue_size", "max_in_flight", "max_pending_rpcs", "batch_workers", "min_support_bucket", "min_query_bucket",
             "max_interactions", "max_candidates",
         ):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_message_bytes < 1024:
             fail("max_message_bytes", f"must be >= 1024, got {self.max_message_bytes}")
-        for name in ("max_wait_s", "poll_interval_s", "grace_period_s"):
+        for name in ("max_wait_s", "poll_interval_s", "grace_period_s", "drain_delay_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 fail(name, f"must be a finite number >= 0, got {value}")
@@ -139,7 +160,7 @@ class ServiceConfig:
             fail("tls_cert" if self.tls_cert is None else "tls_key", "--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             fail("tls_client_ca", "mTLS needs the server's own --tls-cert and --tls-key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "trusted_keys"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 fail(name, f"{path} is not a readable file")

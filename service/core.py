@@ -8,7 +8,7 @@ never mixes one version's encoding with another's graph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import repeat
 from typing import Callable, Sequence
 
@@ -27,7 +27,7 @@ from service.domain import (
     UnknownItem,
     UserContext,
 )
-from service.errors import FieldViolation, InvalidArgument, NotReady
+from service.errors import FieldViolation, InvalidArgument, NotReady, echo
 from service.metrics import Metrics
 from service.padding import UserInputs, UserOutputs
 from service.repository import LoadedModel
@@ -200,7 +200,6 @@ class RecommenderCore:
         violations.extend(_label_violations(model, interactions.labels))
         unknown: list[UnknownItem] = []
         support_items = self._item_codes(model, interactions.items, positions, "interaction", unknown, violations)
-        support_labels = np.array([interactions.labels[k] for k in positions], dtype=np.float32)
 
         if items is None:
             query_items = model.artifact.catalog.codes
@@ -209,6 +208,7 @@ class RecommenderCore:
             query_items = self._item_codes(model, items, range(len(items)), "candidate", unknown, violations)
         if violations:
             raise InvalidArgument(violations)
+        support_labels = np.array([interactions.labels[k] for k in positions], dtype=np.float32)  # in range: checked
         return _Encoded(UserInputs(user_row, support_items, support_labels, query_items), tuple(unknown))
 
     def _item_codes(
@@ -240,7 +240,7 @@ class RecommenderCore:
                 violations.append(FieldViolation(items.id_path(k), "must not be empty"))
             elif not attributes:
                 violations.append(
-                    FieldViolation(items.id_path(k), f"{item_id!r} is not in the catalog; send it with its item_attributes")
+                    FieldViolation(items.id_path(k), f"{echo(item_id)} is not in the catalog; send it with its item_attributes")
                 )
             else:
                 row, problems = encoder.encode_item(item_id, attributes, items.attributes_path(k), self._limits.allow_unknown_values)
@@ -257,6 +257,14 @@ class RecommenderCore:
         output = await self._batcher.submit(model, encoded.user, user.deadline_s)
         if encoded.user.support_size:
             self._metrics.support_loss(output.support_loss_before, output.support_loss_after)
+        scores = output.query_scores
+        if not np.isfinite(scores).all():
+            # A graph's clamp passes NaN through: never answer one. The label floor ranks
+            # such items last; the counter makes the fault visible.
+            bad = ~np.isfinite(scores)
+            self._metrics.nonfinite_scores(int(bad.sum()))
+            floor = np.float32(model.artifact.label.min_value)
+            output = replace(output, query_scores=np.where(bad, floor, scores).astype(np.float32))
         return output
 
     @staticmethod
@@ -300,7 +308,7 @@ def _duplicate_violations(items: ItemList) -> list[FieldViolation]:
     violations = []
     for k, item_id in enumerate(items.ids):
         if item_id in first:
-            violations.append(FieldViolation(items.id_path(k), f"duplicate of {items.id_path(first[item_id])} ({item_id!r})"))
+            violations.append(FieldViolation(items.id_path(k), f"duplicate of {items.id_path(first[item_id])} ({echo(item_id)})"))
         else:
             first[item_id] = k
     return violations

@@ -3,9 +3,10 @@
 Two implementations with one interface, chosen by configuration:
 
 - onnxruntime on model.onnx: the CPU provider, or CUDA where onnxruntime-gpu finds a GPU;
-- torch on model.pt2 (`torch.export.load(...).module()`), on CUDA when there is a GPU,
-  else on CPU. torch is imported only here, only when this engine is chosen, so an
-  onnxruntime-only deployment does not need it. On CUDA it runs as `CudaGraphEngine`:
+- torch on the artifact's torch program (`warmstart.torch_program.load_program`, which
+  reads it without unpickling anything), on CUDA when there is a GPU, else on CPU.
+  torch is imported only here, only when this engine is chosen, so an onnxruntime-only
+  deployment does not need it. On CUDA it runs as `CudaGraphEngine`:
   one CUDA graph captured per shape bucket and replayed, so that a batch costs a few
   copies and one graph launch instead of hundreds of kernel launches from Python.
 
@@ -38,6 +39,7 @@ from service.padding import (
     powers_of_two,
     take_users,
 )
+from warmstart.torch_program import ProgramFormatError, load_program
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +172,13 @@ def _torch_device(config: EngineConfig):
 
 
 def _load_program(artifact: Artifact, device):
-    """model.pt2 as a module on `device`, checked against the manifest."""
-    import torch
-
+    """The torch program (warmstart.torch_program: no pickle) as a module on `device`,
+    checked against the manifest."""
     file = artifact.manifest.graph.torch_export_file
-    program = torch.export.load(str(artifact.torch_export_path))
+    try:
+        program = load_program(artifact.torch_export_path)
+    except ProgramFormatError as exc:
+        raise GraphMismatchError(file, f"not a warmstart torch program: {exc}") from exc
     inputs, outputs = _program_signature(program)
     if [t.name for t in inputs] != list(INPUT_NAMES):
         raise GraphMismatchError(file, f"inputs {[t.name for t in inputs]}, expected {list(INPUT_NAMES)} in that order")
@@ -284,7 +288,7 @@ def _check_batches(artifact: Artifact, precision: Precision) -> list[EngineInput
 
 
 class TorchEngine:
-    """model.pt2, the torch.export program, run eagerly (CPU, or CUDA without graphs)."""
+    """The torch program (torch_program.safetensors), run eagerly (CPU, or CUDA without graphs)."""
 
     def __init__(self, artifact: Artifact, config: EngineConfig) -> None:
         import torch
@@ -453,7 +457,7 @@ class StaticGraph:
 
 
 class CudaGraphEngine:
-    """model.pt2 with one captured CUDA graph per shape bucket (see StaticGraph).
+    """The torch program with one captured CUDA graph per shape bucket (see StaticGraph).
 
     A batch is padded to the next batch bucket (powers of two up to max_graph_batch;
     larger batches run in chunks); padded users have no support and all-padding

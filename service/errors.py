@@ -8,6 +8,7 @@ caller.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,6 +20,34 @@ from google.rpc import error_details_pb2, status_pb2
 log = logging.getLogger(__name__)
 
 MAX_VIOLATIONS = 50  # a BadRequest names at most this many fields; the rest are counted
+# Bounds on what an error repeats of a request: the status travels in trailers, and a
+# client refuses trailers over its metadata limit (8 KiB by default) with
+# RESOURCE_EXHAUSTED, which would turn a permanently bad request into a "retry" answer.
+ECHO_CHARS = 64  # a request string quoted in an error or a log line
+MAX_MESSAGE_CHARS = 300
+MAX_FIELD_CHARS = 160
+MAX_DESCRIPTION_CHARS = 240
+MAX_DETAILS_BYTES = 4096  # the serialized BadRequest (base64 in the trailer: a third more)
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """A request value quoted for an error or a log line: ASCII (gRPC percent-encodes the
+    rest, tripling it) and at most about `limit` characters, with the length it had."""
+    text = value if isinstance(value, str) else str(value)
+    quoted = ascii(text[:limit])  # cut first: a request string may be megabytes long
+    if len(text) <= limit and len(quoted) <= limit:
+        return quoted
+    return f"{quoted[: limit - 4]}...' ({len(text)} chars)"
+
+
+def echo_key(name: str, limit: int = ECHO_CHARS) -> str:
+    """A request map key as it appears in a field path (`user_attributes["region"]`):
+    double-quoted ASCII, cut to about `limit` characters."""
+    return json.dumps(name if len(name) <= limit else name[: limit - 3] + "...")
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -65,6 +94,12 @@ class Overloaded(ServiceError):
     reject_reason = "queue_full"
 
 
+class ServerFull(Overloaded):
+    """As many calls as the server admits at once are in progress (--max-in-flight)."""
+
+    reject_reason = "server_full"
+
+
 class DeadlineExpired(ServiceError):
     """The request's deadline passed before the engine ran it."""
 
@@ -101,16 +136,23 @@ def to_status(exc: BaseException, rpc: str, request_id: str = "") -> status_pb2.
     code = status_code(exc)
     if isinstance(exc, InvalidArgument):
         bad_request = error_details_pb2.BadRequest()
+        shown = 0
         for violation in exc.violations[:MAX_VIOLATIONS]:
-            bad_request.field_violations.add(field=violation.field, description=violation.description)
-        if len(exc.violations) > MAX_VIOLATIONS:
-            bad_request.field_violations.add(field="", description=f"{len(exc.violations) - MAX_VIOLATIONS} more violations")
+            entry = bad_request.field_violations.add(
+                field=_bounded(violation.field, MAX_FIELD_CHARS), description=_bounded(violation.description, MAX_DESCRIPTION_CHARS)
+            )
+            if bad_request.ByteSize() > MAX_DETAILS_BYTES:
+                bad_request.field_violations.remove(entry)
+                break
+            shown += 1
+        if len(exc.violations) > shown:
+            bad_request.field_violations.add(field="", description=f"{len(exc.violations) - shown} more violations")
         detail = any_pb2.Any()
         detail.Pack(bad_request)
-        return status_pb2.Status(code=code.value[0], message=str(exc), details=[detail])
+        return status_pb2.Status(code=code.value[0], message=_bounded(str(exc), MAX_MESSAGE_CHARS), details=[detail])
     if isinstance(exc, EngineFailure):
         return status_pb2.Status(code=code.value[0], message=GENERIC_INTERNAL_MESSAGE)
     if isinstance(exc, ServiceError):
-        return status_pb2.Status(code=code.value[0], message=str(exc))
-    log.error("%s failed unexpectedly (request_id=%r)", rpc, request_id, exc_info=exc)
+        return status_pb2.Status(code=code.value[0], message=_bounded(str(exc), MAX_MESSAGE_CHARS))
+    log.error("%s failed unexpectedly (request_id=%s)", rpc, echo(request_id), exc_info=exc)
     return status_pb2.Status(code=code.value[0], message=GENERIC_INTERNAL_MESSAGE)

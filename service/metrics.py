@@ -7,6 +7,7 @@ or item id: only RPC names, status codes, reasons, outcomes and the model's name
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +30,7 @@ METRIC_NAMES = (
     "warmstart_support_loss_before",  # histogram: a user's support loss at the initialisation
     "warmstart_support_loss_after",  # histogram: ... after the inner steps
     "warmstart_rejects_total",  # {reason}
+    "warmstart_nonfinite_scores_total",  # scores the engine returned as NaN/inf, answered as the label floor
     "warmstart_model_info",  # {name, version, engine}: the model being served
     "warmstart_model_reloads_total",  # {outcome="success"|"failure"}
     "warmstart_model_load_failures_total",  # {reason}
@@ -63,6 +65,9 @@ class Metrics:
             "warmstart_support_loss_after", "Support loss after the inner steps (users with interactions)", buckets=LOSS_BUCKETS, registry=r
         )
         self._rejects = Counter("warmstart_rejects_total", "Requests refused, by reason", ["reason"], registry=r)
+        self._nonfinite = Counter(
+            "warmstart_nonfinite_scores_total", "Scores the engine returned as NaN or infinite (answered as the label floor)", registry=r
+        )
         self._model = Info("warmstart_model", "The model being served", registry=r)
         self._reloads = Counter("warmstart_model_reloads_total", "Attempts to load a model version, by outcome", ["outcome"], registry=r)
         self._load_failures = Counter(
@@ -94,8 +99,12 @@ class Metrics:
         self._engine.observe(engine_seconds)
 
     def support_loss(self, before: float, after: float) -> None:
-        self._loss_before.observe(before)
-        self._loss_after.observe(after)
+        if math.isfinite(before) and math.isfinite(after):  # a NaN would poison the histograms' sums
+            self._loss_before.observe(before)
+            self._loss_after.observe(after)
+
+    def nonfinite_scores(self, count: int) -> None:
+        self._nonfinite.inc(count)
 
     def model_loaded(self, name: str, version: str, engine: str, gpu_memory: Callable[[], dict[str, int]]) -> None:
         self._model.info({"name": name, "version": version, "engine": engine})

@@ -6,13 +6,16 @@ highest loadable one is served. Dot-prefixed directories (an export in progress 
 and warmed up (every shape bucket) in a thread while the current one keeps serving, then
 becomes current by one reference assignment on the event loop: batches already formed
 finish on the model they were encoded for. A version that fails to load is refused (log
-+ metric), remembered, and not retried by polling; an explicit reload (SIGHUP) retries it.
++ metric) and remembered with a fingerprint of its directory (names, sizes, times,
+inodes): polling retries it only once that changes (a version still being copied in is
+picked up when the copy completes), an explicit reload (SIGHUP) retries it anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +51,7 @@ class ModelSettings:
     min_support_bucket: int = 1
     min_query_bucket: int = 16
     warmup_batch_size: int = 32  # the largest batch the batcher forms
+    trusted_keys: tuple | None = None  # Ed25519 public keys: serve only versions one of them signed
 
     def __post_init__(self) -> None:
         for name in ("max_interactions", "max_candidates", "min_support_bucket", "min_query_bucket", "warmup_batch_size"):
@@ -81,7 +85,7 @@ def load_model(path: Path, settings: ModelSettings, engine_factory: EngineFactor
     version = path.name
     started = time.perf_counter()
     try:
-        artifact = load_artifact(path)
+        artifact = load_artifact(path, settings.trusted_keys)
     except ArtifactError as exc:
         raise ModelLoadError(version, exc.reason, str(exc)) from exc
     if artifact.model_version != version:
@@ -123,6 +127,23 @@ def list_versions(model_dir: Path) -> list[str]:
     return sorted(names, key=lambda n: (int(n), n), reverse=True)
 
 
+def directory_fingerprint(path: Path) -> tuple:
+    """Every entry under a version directory with its size and modification time: what
+    changes when files are added, replaced or finish being copied."""
+    entries = []
+    for directory, subdirectories, files in os.walk(path):
+        for name in subdirectories + files:
+            entry = Path(directory) / name
+            try:
+                info = entry.lstat()
+            except FileNotFoundError:  # removed while we looked: the next poll sees the change
+                continue
+            entries.append(
+                (entry.relative_to(path).as_posix(), info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_mode)
+            )
+    return tuple(sorted(entries))
+
+
 def resolve_model_name(repository: Path, model_name: str) -> str:
     """The configured model name, or the repository's only model when none is configured."""
     if model_name:
@@ -149,7 +170,7 @@ class ModelManager:
         self._metrics = metrics
         self._on_loaded = on_loaded
         self._current: LoadedModel | None = None
-        self._refused: dict[str, str] = {}  # version -> why
+        self._refused: dict[str, tuple[str, tuple]] = {}  # version -> (why, fingerprint of its directory then)
         self._lock = asyncio.Lock()
 
     @property
@@ -157,7 +178,7 @@ class ModelManager:
         return self._current
 
     def refused(self) -> dict[str, str]:
-        return dict(self._refused)
+        return {version: why for version, (why, _) in self._refused.items()}
 
     async def refresh(self, retry_refused: bool = False) -> LoadedModel | None:
         """Serves the highest loadable version; returns the model now served (or None).
@@ -173,17 +194,20 @@ class ModelManager:
             for version in list_versions(self._model_dir):
                 if current is not None and version == current.version:
                     break
-                if version in self._refused:
+                fingerprint = await asyncio.to_thread(directory_fingerprint, self._model_dir / version)
+                refused = self._refused.get(version)
+                if refused is not None and refused[1] == fingerprint:
                     continue
                 try:
                     model = await asyncio.to_thread(self._load, self._model_dir / version)
                 except ModelLoadError as exc:
-                    self._refuse(version, exc.reason, str(exc))
+                    self._refuse(version, exc.reason, str(exc), fingerprint)
                     continue
                 except Exception as exc:
                     log.error("loading version %s failed unexpectedly", version, exc_info=exc)
-                    self._refuse(version, "unexpected", f"version {version}: {type(exc).__name__}: {exc}")
+                    self._refuse(version, "unexpected", f"version {version}: {type(exc).__name__}: {exc}", fingerprint)
                     continue
+                self._refused.pop(version, None)
                 self._current = model
                 log.info(
                     "serving %s version %s (%s) loaded and warmed up in %.2f s (%d shape buckets)",
@@ -205,8 +229,8 @@ class ModelManager:
             except OSError as exc:  # the repository may be briefly unreadable (a remount): try next time
                 log.error("scanning %s failed: %s", self._model_dir, exc)
 
-    def _refuse(self, version: str, reason: str, problem: str) -> None:
-        self._refused[version] = problem
+    def _refuse(self, version: str, reason: str, problem: str, fingerprint: tuple) -> None:
+        self._refused[version] = (problem, fingerprint)
         self._metrics.model_refused(reason)
         serving = f"still serving version {self._current.version}" if self._current else "no version is being served"
         log.error("refused %s: %s (%s)", self._model_dir / version, problem, serving)

@@ -5,8 +5,13 @@
 One server = the Recommender service, grpc.health.v1 health, server reflection, and a
 Prometheus /metrics endpoint on its own port, over one dynamic batcher and one model
 manager. Health is SERVING for "" and "warmstart.v1.Recommender" only once a model is
-loaded and warmed up. SIGHUP reloads (retrying refused versions); SIGTERM or SIGINT
-drains: health NOT_SERVING, no new RPCs, in-flight ones finish within the grace period.
+loaded and warmed up. SIGHUP reloads (retrying refused versions). SIGTERM drains: health
+NOT_SERVING at once, calls still served for the drain delay (so that balancers stop
+routing here first), then no new calls, and the accepted ones finish within the grace
+period. SIGINT does the same without the drain delay.
+
+Overload is explicit: at most --max-in-flight Recommend/Score calls are in progress at
+once, and the handler answers any call beyond that RESOURCE_EXHAUSTED at once.
 """
 
 from __future__ import annotations
@@ -31,15 +36,19 @@ from service.core import RecommenderCore, RequestLimits
 from service.engines import EngineConfig, create_engine
 from service.metrics import Metrics, MetricsEndpoint, serve_metrics
 from service.repository import EngineFactory, LoadedModel, ModelManager, ModelSettings, load_model, resolve_model_name
-from service.servicer import SERVICE_NAME, InFlight, add_recommender
+from service.servicer import SERVICE_NAME, Admission, add_recommender
+from warmstart import signature
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
-SECOND_STOP_MARGIN_S = 0.2  # see WarmstartServer.stop
 # gRPC's own receive limit: above the service's limit (which answers INVALID_ARGUMENT with
 # a BadRequest), a guard against messages too large to buffer at all.
 TRANSPORT_LIMIT_FACTOR = 2
+# gRPC's own limit on concurrent RPCs: room for the Recommender calls the handler admits,
+# the ones it is refusing, and health / reflection / GetModel calls beside them.
+GRPC_LIMIT_FACTOR = 2
+GRPC_LIMIT_HEADROOM = 64
 
 
 @dataclass
@@ -52,11 +61,11 @@ class WarmstartServer:
     metrics: Metrics
     models: ModelManager
     _grpc: grpc.aio.Server
-    _health: health.aio.HealthServicer
+    _health: "DrainingHealthServicer"
     _batcher: DynamicBatcher
     _endpoint: MetricsEndpoint
     _ready: asyncio.Event
-    _in_flight: InFlight
+    _admission: Admission
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _stopped: bool = False
 
@@ -75,34 +84,32 @@ class WarmstartServer:
         """Schedules a reload (for signal handlers)."""
         self._spawn(self.reload(), "reload")
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Drains: health NOT_SERVING, refuse new RPCs, let in-flight ones finish (up to grace_s)."""
+    async def stop(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:
+        """Drains, then stops: health NOT_SERVING at once; calls are still served for
+        drain_delay_s (balancers and clients watching health stop routing here); then new
+        calls are refused and those accepted get up to grace_s to finish."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.config.grace_period_s if grace_s is None else grace_s
-        log.info("shutting down: draining in-flight requests (grace %.1f s)", grace)
+        delay = self.config.drain_delay_s if drain_delay_s is None else drain_delay_s
+        log.info("shutting down: NOT_SERVING, serving for %.1f s more, then %.1f s for calls in flight", delay, grace)
         self.metrics.ready(False)
         await self._health.enter_graceful_shutdown()
         for task in list(self._tasks):
             task.cancel()
+        if delay > 0:
+            await asyncio.sleep(delay)
         self._batcher.drain()
-        # New RPCs are refused from here on; Recommender calls in progress get up to the
-        # grace period. Then whatever is left (health Watch streams never end) is cancelled.
-        loop = asyncio.get_running_loop()
-        grace_ends = loop.time() + grace
+        # gRPC refuses new calls from here on and waits for every call it accepted (those
+        # not yet in a handler too) up to the grace period, then cancels the rest. Health
+        # Watch streams never end by themselves: they are ended now, so they do not hold
+        # the stop for the whole grace period.
         stopping = asyncio.ensure_future(self._grpc.stop(grace))
-        try:
-            await asyncio.wait_for(self._in_flight.wait_idle(), grace)
-        except TimeoutError:
-            log.warning("%d requests still in flight after %.1f s: cancelling them", self._in_flight.count, grace)
-        else:
-            # Only health Watch streams can be left: end them now, not at the end of the
-            # grace period. Not when the grace period is about to end anyway: a second stop
-            # racing gRPC's own expiry crashed the process (grpcio 1.85, SIGSEGV).
-            if loop.time() < grace_ends - SECOND_STOP_MARGIN_S:
-                await self._grpc.stop(0)
+        self._health.end_watches()
         await stopping
+        if self._admission.count:
+            log.warning("%d calls were still in progress after the %.1f s grace period: cancelled", self._admission.count, grace)
         await self._batcher.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.to_thread(self._endpoint.close)  # waits for the HTTP server's poll loop
@@ -112,6 +119,60 @@ class WarmstartServer:
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class DrainingHealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 whose Watch streams end when the server stops (after sending the
+    last status), instead of lasting until gRPC cancels them at the end of the grace period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ending = asyncio.Event()
+
+    def end_watches(self) -> None:
+        self._ending.set()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        ending = asyncio.ensure_future(self._ending.wait())
+        try:
+            await asyncio.wait((watch, ending), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watch, ending):
+                task.cancel()
+            await asyncio.gather(watch, ending, return_exceptions=True)
+
+
+class _AnswerToAGoneCallFilter(logging.Filter):
+    """gRPC logs an ERROR with a traceback when a handler's answer (a response or an abort)
+    reaches a call the client already ended (cancelled, or its deadline passed) before the
+    handler could see it: under overload that is routine, and nothing failed on this side.
+    Those records become one DEBUG line; every other gRPC record passes unchanged."""
+
+    MARKER = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(self.MARKER):
+            log.debug("an answer reached a call its client had already ended: %s", record.getMessage()[:200])
+            return False
+        return True
+
+
+def _quiet_answers_to_gone_calls() -> None:
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _AnswerToAGoneCallFilter) for f in grpc_log.filters):
+        grpc_log.addFilter(_AnswerToAGoneCallFilter())
+
+
+def _trusted_keys(config: ServiceConfig) -> tuple | None:
+    if config.trusted_keys is None:
+        return None
+    try:
+        keys = tuple(signature.load_public_keys(config.trusted_keys))
+    except signature.SignatureError as exc:
+        raise ConfigError(f"--trusted-keys / WARMSTART_TRUSTED_KEYS: {exc}") from exc
+    log.info("serving signed versions only: %d trusted key(s) %s", len(keys), ", ".join(signature.key_id(k) for k in keys))
+    return keys
 
 
 def _server_credentials(config: ServiceConfig) -> grpc.ServerCredentials:
@@ -131,6 +192,7 @@ async def create_server(config: ServiceConfig, engine_factory: EngineFactory = c
     """
     assert config.model_repository is not None
     model_dir = Path(config.model_repository) / resolve_model_name(Path(config.model_repository), config.model_name)
+    _quiet_answers_to_gone_calls()
     metrics = Metrics()
     metrics.ready(False)
     batcher = DynamicBatcher(BatcherConfig(config.max_batch_size, config.max_wait_s, config.queue_size, config.batch_workers), metrics)
@@ -149,8 +211,9 @@ async def create_server(config: ServiceConfig, engine_factory: EngineFactory = c
         min_support_bucket=config.min_support_bucket,
         min_query_bucket=config.min_query_bucket,
         warmup_batch_size=config.max_batch_size,
+        trusted_keys=_trusted_keys(config),
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = DrainingHealthServicer()
     for service in HEALTH_SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     ready = asyncio.Event()
@@ -170,9 +233,21 @@ async def create_server(config: ServiceConfig, engine_factory: EngineFactory = c
     )
     transport_limit = config.max_message_bytes * TRANSPORT_LIMIT_FACTOR
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", transport_limit), ("grpc.so_reuseport", 0)]
+        options=[
+            ("grpc.max_receive_message_length", transport_limit),
+            ("grpc.so_reuseport", 0),
+            # Calls wait in gRPC until the event loop takes them; when a CPU-bound loop falls
+            # behind, this queue (1000 by default) held calls until their deadlines passed.
+            # Bounded, gRPC refuses calls beyond it at once (randomly from the soft limit,
+            # all at the hard one); the client sees CANCELLED.
+            ("grpc.server.max_pending_requests", config.max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_rpcs),
+        ],
+        # A backstop behind the handler's own limit (which answers with metrics and a
+        # message): gRPC refuses RPCs of any kind beyond this many at once, RESOURCE_EXHAUSTED.
+        maximum_concurrent_rpcs=config.max_in_flight * GRPC_LIMIT_FACTOR + GRPC_LIMIT_HEADROOM,
     )
-    in_flight = add_recommender(server, core, metrics, config.max_message_bytes)
+    admission = add_recommender(server, core, metrics, config.max_message_bytes, config.max_in_flight)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -190,7 +265,7 @@ async def create_server(config: ServiceConfig, engine_factory: EngineFactory = c
         raise ConfigError(f"--metrics-host / --metrics-port: cannot listen on {config.metrics_host}:{config.metrics_port}: {exc}") from exc
     await server.start()
     batcher.start()
-    running = WarmstartServer(config, port, endpoint.port, metrics, models, server, health_servicer, batcher, endpoint, ready, in_flight)
+    running = WarmstartServer(config, port, endpoint.port, metrics, models, server, health_servicer, batcher, endpoint, ready, admission)
     running._spawn(models.refresh(), "initial-load")
     if config.poll_interval_s > 0:
         running._spawn(models.poll(config.poll_interval_s), "poll")
@@ -203,12 +278,19 @@ async def serve(config: ServiceConfig, engine_factory: EngineFactory = create_en
     # One line on stdout that tools (and people) can read the bound ports from.
     print(f"warmstart listening on port {server.port} (metrics on port {server.metrics_port})", flush=True)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    stop: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if not stop.done():
+            stop.set_result(signum)
+
+    loop.add_signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
+    loop.add_signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
     loop.add_signal_handler(signal.SIGHUP, server.request_reload)
-    await stop.wait()
-    await server.stop()
+    signum = await stop
+    # SIGTERM comes from an orchestrator whose balancers need the drain delay to stop
+    # routing here; SIGINT from a person at a terminal, who has no balancer to wait for.
+    await server.stop(drain_delay_s=0.0 if signum == signal.SIGINT else None)
     return 0
 
 

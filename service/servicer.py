@@ -1,9 +1,9 @@
 """The gRPC servicer: the only module that touches warmstart.v1 request and response types.
 
 Each RPC converts its protobuf request to domain objects, delegates to RecommenderCore,
-and converts the result back. One wrapper around every RPC maps exceptions to statuses
-(through errors.to_status), records the RED metrics, and enforces the request size
-limit: the methods are registered with raw-bytes requests so that a message over
+and converts the result back. One wrapper around every RPC admits it or refuses it at
+once when the server is full (Admission), maps exceptions to statuses (through
+errors.to_status), records the RED metrics, and enforces the request size limit: the methods are registered with raw-bytes requests so that a message over
 `max_message_bytes` gets INVALID_ARGUMENT with a BadRequest naming it (gRPC's own
 receive limit, set higher as a memory guard, would answer RESOURCE_EXHAUSTED with no
 detail).
@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 
 from service import domain
 from service.core import RecommenderCore
-from service.errors import InvalidArgument, ServiceError, status_code, to_status
+from service.errors import InvalidArgument, ServerFull, ServiceError, status_code, to_status
 from service.metrics import Metrics
 from warmstart.v1 import manifest_pb2, recommender_pb2 as pb
 
@@ -145,36 +145,53 @@ def _field_info(f: domain.FieldDescription) -> pb.FieldInfo:
 Handler = Callable[[object, grpc.aio.ServicerContext], Awaitable[object]]
 
 
-class InFlight:
-    """Counts Recommender RPCs in progress, so a drain can wait for exactly those (and not
-    for long-lived health Watch streams, which never end by themselves)."""
+class Admission:
+    """Counts the Recommender calls in progress and admits at most `limit` Recommend and
+    Score calls at once: when the server is full the handler itself answers
+    RESOURCE_EXHAUSTED at once, instead of letting calls wait in front of it until their
+    deadline."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the admission limit must be >= 1, got {limit}")
+        self.limit = limit
         self.count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+
+    def try_enter(self) -> bool:
+        """Admits one call unless `limit` are in progress."""
+        if self.count >= self.limit:
+            return False
+        self.enter()
+        return True
 
     def enter(self) -> None:
+        """Counts one call whatever the limit (cheap RPCs that are never refused)."""
         self.count += 1
-        self._idle.clear()
 
     def leave(self) -> None:
         self.count -= 1
-        if self.count == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
 
 
-def _guarded(rpc: str, request_type, handle: Handler, metrics: Metrics, max_message_bytes: int, in_flight: InFlight):
-    """The RPC behaviour gRPC calls: size check, parse, handle, map errors, record metrics."""
+# Refusals of a full server are answered from one prebuilt status: the cheaper a refusal,
+# the more of the machine is left for the calls that were admitted.
+_FULL = ServerFull("the server is at its limit of calls in progress; retry with backoff")
+
+
+def _guarded(rpc: str, request_type, handle: Handler, metrics: Metrics, max_message_bytes: int, admission: Admission, limited: bool):
+    """The RPC behaviour gRPC calls: admission, size check, parse, handle, map errors, record metrics."""
+    full_status = rpc_status.to_status(to_status(_FULL, rpc))
 
     async def behaviour(raw: bytes, context: grpc.aio.ServicerContext):
         started = time.perf_counter()
+        if limited:
+            if not admission.try_enter():
+                metrics.reject(_FULL.reject_reason)
+                metrics.request(rpc, "RESOURCE_EXHAUSTED", time.perf_counter() - started)
+                await context.abort_with_status(full_status)
+        else:
+            admission.enter()
         code = "OK"
         request_id = ""
-        in_flight.enter()
         try:
             if len(raw) > max_message_bytes:
                 raise InvalidArgument.one("request", f"{len(raw)} bytes; the server accepts at most {max_message_bytes}")
@@ -192,30 +209,39 @@ def _guarded(rpc: str, request_type, handle: Handler, metrics: Metrics, max_mess
             code = status_code(exc).name
             if isinstance(exc, ServiceError):
                 metrics.reject(exc.reject_reason)
+            if context.done():
+                # The client went away (cancelled, or its deadline passed): there is nobody
+                # to tell, and aborting a finished call only makes gRPC log an error.
+                code = "CANCELLED"
+                return None
             await context.abort_with_status(rpc_status.to_status(status))
         finally:
-            in_flight.leave()
+            admission.leave()
             metrics.request(rpc, code, time.perf_counter() - started)
 
     return behaviour
 
 
-def add_recommender(server: grpc.aio.Server, core: RecommenderCore, metrics: Metrics, max_message_bytes: int) -> InFlight:
-    """Registers warmstart.v1.Recommender on a server; returns its in-flight counter."""
+def add_recommender(
+    server: grpc.aio.Server, core: RecommenderCore, metrics: Metrics, max_message_bytes: int, max_in_flight: int
+) -> Admission:
+    """Registers warmstart.v1.Recommender on a server; returns its admission counter
+    (Recommend and Score beyond max_in_flight at once get RESOURCE_EXHAUSTED; GetModel is
+    counted but never refused)."""
     servicer = RecommenderServicer(core)
-    in_flight = InFlight()
+    admission = Admission(max_in_flight)
     methods = {
-        "Recommend": (pb.RecommendRequest, pb.RecommendResponse, servicer.Recommend),
-        "Score": (pb.ScoreRequest, pb.ScoreResponse, servicer.Score),
-        "GetModel": (pb.GetModelRequest, pb.ModelInfo, servicer.GetModel),
+        "Recommend": (pb.RecommendRequest, pb.RecommendResponse, servicer.Recommend, True),
+        "Score": (pb.ScoreRequest, pb.ScoreResponse, servicer.Score, True),
+        "GetModel": (pb.GetModelRequest, pb.ModelInfo, servicer.GetModel, False),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
-            _guarded(name, request_type, handle, metrics, max_message_bytes, in_flight),
+            _guarded(name, request_type, handle, metrics, max_message_bytes, admission, limited),
             request_deserializer=None,  # raw bytes: the size check comes before parsing
             response_serializer=response_type.SerializeToString,
         )
-        for name, (request_type, response_type, handle) in methods.items()
+        for name, (request_type, response_type, handle, limited) in methods.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    return in_flight
+    return admission

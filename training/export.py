@@ -6,7 +6,8 @@ The artifact is the directory `<repository>/<model_name>/<version>/`:
     manifest.sha256        the manifest's own sha256 (sha256sum format)
     init.safetensors       the meta-learned initialisation and learned inner-loop parameters
     model.onnx             the fused adapt-then-score graph (inner loop unrolled inside)
-    model.pt2              the same graph as a torch.export program (the GPU engine)
+    torch_program.safetensors  the same graph as a torch.export program (the torch engine),
+                           stored without pickle (warmstart.torch_program)
     catalog.safetensors    "item_features": int64 [items, item_width], known items encoded
     catalog_items.txt      their ids, one per line, in row order
     vocab/<field>.txt      vocabularies too large to sit in the manifest
@@ -34,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -53,6 +55,7 @@ from training.dataset import LabelSpec
 from training.features import FeatureSchema, Field
 from training.inner_loop import Batch, InnerLoopConfig
 from training.trainer import AdaptedModel
+from warmstart.torch_program import load_program, save_program
 from warmstart.v1 import manifest_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ def output_names(adapted: AdaptedModel) -> tuple[str, ...]:
 TOLERANCE = 1e-4
 INLINE_VOCABULARY_MAX = 1000  # larger vocabularies go to vocab/<field>.txt
 ONNX_OPSET = 18
+TORCH_PROGRAM_FILE = "torch_program.safetensors"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -273,7 +277,7 @@ def graph_spec(schema: FeatureSchema, onnx_inputs: Sequence[str], engagement: bo
         outputs.append(_tensor_spec(ENGAGEMENT_OUTPUT, pb.FLOAT32, ["batch", "query"], "engagement logits (what Recommend ranks by)"))
     return pb.GraphSpec(
         onnx_file="model.onnx",
-        torch_export_file="model.pt2",
+        torch_export_file=TORCH_PROGRAM_FILE,
         onnx_opset=ONNX_OPSET,
         inputs=[inputs[n] for n in INPUT_NAMES if n in onnx_inputs],
         outputs=outputs,
@@ -349,7 +353,8 @@ def export_artifact(
     if final.exists():
         raise ExportError(f"{final} already exists: artifact versions are immutable")
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_dir))
+    remove_abandoned_partials(model_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-{_owner_tag()}-", dir=model_dir))
     try:
         fused = trace(adapted)
         example = random_batch(adapted.schema, CheckShape(2, 3, 4, ragged=True), np.random.default_rng(1), adapted.label)
@@ -357,11 +362,12 @@ def export_artifact(
         pinned = device_pinned_nodes(program)
         if pinned:
             raise ExportError("the exported program pins tensors to a device: " + "; ".join(pinned[:5]))
-        torch.export.save(program, str(tmp / "model.pt2"))
+        save_program(program, tmp / TORCH_PROGRAM_FILE)
         with _quiet_exporters():
             onnx_program = _onnx_export(program, output_names(adapted))
         onnx_program.save(str(tmp / "model.onnx"))
-        checks = verify(adapted, tmp / "model.onnx", program)
+        # The program as the torch engine will read it back, not the one in memory.
+        checks = verify(adapted, tmp / "model.onnx", load_program(tmp / TORCH_PROGRAM_FILE))
         worst = max(max(c.max_abs_diff_onnx, c.max_abs_diff_torch_export) for c in checks)
         if worst > tolerance:
             detail = ", ".join(
@@ -423,6 +429,51 @@ def export_artifact(
     elapsed = time.perf_counter() - started
     log.info("exported %s in %.1f s (worst engine difference %.2e)", final, elapsed, worst)
     return ExportResult(final, manifest, elapsed)
+
+
+PARTIAL_MAX_AGE_S = 24 * 3600  # a partial directory of another machine older than this is abandoned
+_PARTIAL = re.compile(r"^\.[^.]+\.partial-(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-")
+
+
+def _owner_tag() -> str:
+    """host-pid of this export, in the partial directory's name, so that a later export can
+    tell an abandoned directory (its process is gone) from one still being written."""
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def remove_abandoned_partials(model_dir: Path) -> list[Path]:
+    """Deletes the `.<version>.partial-*` directories of exports that were killed: on this
+    machine, those whose process no longer runs; from elsewhere (or unnamed), those older
+    than PARTIAL_MAX_AGE_S. Returns what it removed."""
+    host = _owner_tag().rsplit("-", 1)[0]
+    removed = []
+    for path in model_dir.glob(".*.partial-*"):
+        if not path.is_dir() or path.is_symlink():
+            continue
+        match = _PARTIAL.match(path.name)
+        if match and match["host"] == host:
+            abandoned = not _process_alive(int(match["pid"]))
+        else:
+            abandoned = time.time() - path.stat().st_mtime > PARTIAL_MAX_AGE_S
+        if abandoned:
+            for sub in [path, *path.rglob("*")]:  # _make_read_only may have run before the kill
+                if sub.is_dir() and not sub.is_symlink():
+                    sub.chmod(0o755)
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s, left by an interrupted export", path)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def read_manifest(artifact: Path) -> pb.ArtifactManifest:

@@ -254,15 +254,15 @@ def export_checkpoint(
     """
     from training.batching import EncodedCatalog
     from training.features import FeatureSchema
-    from training.trainer import AdaptedModel, MetaTrainer, ranked_catalog_rows, read_checkpoint
+    from training.trainer import AdaptedModel, MetaTrainer, has_checkpoint, ranked_catalog_rows, read_checkpoint
     from training.dataset import LabelSpec
 
-    if not (checkpoint_dir / "checkpoint.json").exists():
-        raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint.json (is this a training run's checkpoint directory?)")
-    model_config = M.ModelConfig.from_dict(json.loads((checkpoint_dir / "checkpoint.json").read_text())["model_config"])
+    if not has_checkpoint(checkpoint_dir):
+        raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint.safetensors (is this a training run's checkpoint directory?)")
+    model_config = M.ModelConfig.from_dict(read_checkpoint(checkpoint_dir)[0]["model_config"])
     if model_config.engagement_factors:
         # The engagement phase starts from the rating phase's result and carries every parameter.
-        if not (checkpoint_dir / "engagement" / "checkpoint.json").exists():
+        if not has_checkpoint(checkpoint_dir / "engagement"):
             raise FileNotFoundError(f"{checkpoint_dir}: the engagement phase has no checkpoint yet (rerun train to finish it)")
         checkpoint_dir = checkpoint_dir / "engagement"
     meta, params = read_checkpoint(checkpoint_dir)

@@ -26,8 +26,8 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from training import model as M
 from training.batching import EncodedCatalog, EpisodeConfig, EpisodeSampler, task_batches
@@ -50,7 +50,9 @@ from training.splits import Task
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the state sits in checkpoint.safetensors' header (one file, one unit)
+CHECKPOINT_FILE = "checkpoint.safetensors"
+CHECKPOINT_STATE_KEY = "warmstart.checkpoint"
 
 
 @dataclass(frozen=True)
@@ -365,7 +367,7 @@ class MetaTrainer:
     # -- the run -------------------------------------------------------------------------
     def run(self, log_path: Path | None = None, on_step: Callable[[int], None] | None = None) -> TrainResult:
         """Trains until meta_steps or early stopping; resumes from a checkpoint if one exists."""
-        if self.checkpoint_dir is not None and (self.checkpoint_dir / "checkpoint.json").exists():
+        if self.checkpoint_dir is not None and has_checkpoint(self.checkpoint_dir):
             self.load_checkpoint(self.checkpoint_dir)
             log.info("resumed from %s at meta-step %d", self.checkpoint_dir, self.step)
         if self.step == 0 and self.valid_tasks:
@@ -459,24 +461,24 @@ class MetaTrainer:
         return tensors, meta
 
     def save_checkpoint(self, directory: Path) -> None:
-        """Writes checkpoint.safetensors and checkpoint.json atomically (tensors first); rank 0 only."""
+        """Writes the checkpoint as one unit: checkpoint.safetensors holds the tensors and,
+        in its header, the state they belong to, and is replaced atomically. checkpoint.json
+        is a readable copy of that state written after it, never read back: a kill between
+        the two leaves a stale copy, not a checkpoint of mixed steps."""
         if not self.collective.is_main:
             return
         directory.mkdir(parents=True, exist_ok=True)
         tensors, meta = self._state()
+        text = json.dumps(meta, indent=1)
         tmp = directory / "checkpoint.safetensors.tmp"
-        # The metadata rides inside the tensors file as well, so one os.replace publishes the
-        # whole checkpoint; checkpoint.json, replaced after it, is a readable copy.
-        save_file(tensors, str(tmp), metadata={"checkpoint": json.dumps(meta)})
-        os.replace(tmp, directory / "checkpoint.safetensors")
+        save_file(tensors, str(tmp), metadata={CHECKPOINT_STATE_KEY: text})
+        os.replace(tmp, directory / CHECKPOINT_FILE)
         tmp_json = directory / "checkpoint.json.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=1))
+        tmp_json.write_text(text)
         os.replace(tmp_json, directory / "checkpoint.json")
 
     def load_checkpoint(self, directory: Path) -> None:
-        meta = checkpoint_metadata(directory)
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{directory}: unsupported checkpoint format {meta.get('format')!r}")
+        meta, tensors = _read_unit(directory)
         mine = {
             "model_config": self.model_config.to_dict(),
             "inner_config": self.inner_config.to_dict(),
@@ -492,7 +494,6 @@ class MetaTrainer:
                 f"{directory}: checkpoint was made by {meta.get('world_size', 1)} processes, this run has "
                 f"{self.collective.world_size}; resume with the same number or use a new directory"
             )
-        tensors = load_file(str(directory / "checkpoint.safetensors"))
         with torch.no_grad():
             for name, value in self.params.items():
                 value.copy_(tensors[f"params.{name}"])
@@ -527,20 +528,30 @@ def _is_engagement(name: str) -> bool:
 
 def read_checkpoint(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, best parameters) of a finished or interrupted run, for export."""
-    meta = checkpoint_metadata(directory)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{directory}: unsupported checkpoint format {meta.get('format')!r}")
-    tensors = load_file(str(directory / "checkpoint.safetensors"))
+    meta, tensors = _read_unit(directory)
     best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
     return meta, best
 
 
-def checkpoint_metadata(directory: Path) -> dict:
-    """The metadata stored inside checkpoint.safetensors (the unit the tensors belong to); a
-    checkpoint written before it was stored there has only checkpoint.json."""
-    with safe_open(str(directory / "checkpoint.safetensors"), "pt") as tensors:
-        embedded = (tensors.metadata() or {}).get("checkpoint")
-    return json.loads(embedded) if embedded is not None else json.loads((directory / "checkpoint.json").read_text())
+def has_checkpoint(directory: Path) -> bool:
+    return (Path(directory) / CHECKPOINT_FILE).exists()
+
+
+def _read_unit(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The state and tensors of one checkpoint, both from checkpoint.safetensors."""
+    path = Path(directory) / CHECKPOINT_FILE
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a readable checkpoint: {exc}") from exc
+    if CHECKPOINT_STATE_KEY not in header:
+        raise ValueError(f"{path}: no training state in its header (a checkpoint of an older format); use a new directory")
+    meta = json.loads(header[CHECKPOINT_STATE_KEY])
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{directory}: unsupported checkpoint format {meta.get('format')!r}")
+    return meta, tensors
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

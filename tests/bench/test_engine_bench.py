@@ -19,6 +19,7 @@ from bench.reference import NaiveLoop, func_eager, load_reference, max_abs_diff
 from bench.roofline import Ceilings, CallCount, count_call, roofline_fraction
 from service.artifact import load_artifact
 from service.engines import EngineConfig, create_engine, sample_inputs
+from warmstart.torch_program import load_program
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,7 +81,7 @@ def test_the_bench_runs_end_to_end_on_cpu(artifact, tmp_path, capsys):
     ])
     printed = capsys.readouterr().out
     assert code == 0
-    for title in ("Baselines", "onnxruntime CPU:", "torch CPU (model.pt2):", "onnxruntime CPU (same graph):", "Roofline", "Goals"):
+    for title in ("Baselines", "onnxruntime CPU:", "torch CPU (torch program):", "onnxruntime CPU (same graph):", "Roofline", "Goals"):
         assert title in printed
     assert "every engine within tolerance of torch.func eager" in printed
     summary = json.loads(out.read_text())
@@ -124,7 +125,7 @@ def test_the_graph_breakdown_runs_on_cpu_and_counts_the_programs_ops(artifact, c
     printed = capsys.readouterr().out
     rows = [line.split() for line in printed.splitlines() if line.strip().startswith(("1 ", "3 "))]
     assert [r[:3] for r in rows] == [["1", "2", "5"], ["3", "2", "5"]]
-    expected_ops = count_call(torch.export.load(str(artifact.torch_export_path)).module(), sample_inputs(
+    expected_ops = count_call(load_program(artifact.torch_export_path).module(), sample_inputs(
         artifact, 1, 2, 5, np.random.default_rng(0))).ops
     for r in rows:
         engine_ms, stage_ms = float(r[4]), float(r[5])

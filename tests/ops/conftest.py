@@ -15,12 +15,12 @@ OPS = ROOT / "ops"
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    """The promtool binary. Missing promtool fails (not skips): CI installs it (.ci/run)."""
+    """The promtool binary. Missing promtool fails (not skips): `make test` installs it."""
     path = shutil.which("promtool")
     if path is None:
         pytest.fail(
             "promtool is not installed: install Debian's prometheus package "
-            "(`sudo apt-get install prometheus`; .ci/run does it), then rerun",
+            "(`sudo apt-get install prometheus`; `make test` does it), then rerun",
             pytrace=False,
         )
     return path

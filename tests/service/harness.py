@@ -43,6 +43,7 @@ def make_config(repository: Path, **overrides: Any) -> ServiceConfig:
         max_batch_size=16,
         poll_interval_s=0.0,
         grace_period_s=5.0,
+        drain_delay_s=0.0,
     )
     return replace(base, **overrides)
 

@@ -15,6 +15,7 @@ from service.artifact import (
     GraphMismatchError,
     ManifestError,
     MissingFileError,
+    SignatureRefusedError,
     UnlistedFileError,
     UnsupportedSchemaError,
     load_artifact,
@@ -107,7 +108,7 @@ def test_unknown_values_are_rejected_unless_allowed(tiny_artifact: Path):
 def test_every_tampered_file_is_named(copy: Path):
     """Flipping one byte of any listed file makes the loader refuse, naming that file."""
     listed = [entry["path"] for entry in json.loads((copy / "manifest.json").read_text())["files"]]
-    assert {"model.onnx", "model.pt2", "init.safetensors", "catalog.safetensors", "catalog_items.txt"} <= set(listed)
+    assert {"model.onnx", "torch_program.safetensors", "init.safetensors", "catalog.safetensors", "catalog_items.txt"} <= set(listed)
     for relative in listed:
         path = copy / relative
         original = path.read_bytes()
@@ -270,3 +271,59 @@ def test_version_directory_must_match_the_manifest(copy: Path, tmp_path: Path):
     copy.rename(renamed)
     with pytest.raises(ModelLoadError, match="manifest.json says version '1'"):
         load_model(renamed, ModelSettings(EngineConfig(), max_interactions=4, max_candidates=16))
+
+
+def test_a_symlinked_directory_inside_a_version_is_refused(copy: Path, tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "payload.bin").write_bytes(b"not part of the artifact")
+    (copy / "extra").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnlistedFileError, match="symbolic link") as refused:
+        load_artifact(copy)
+    assert refused.value.file == "extra"
+
+
+def test_signatures_are_checked_only_when_keys_are_trusted(copy: Path, tmp_path: Path):
+    from warmstart import signature
+
+    signature.generate_key_pair(tmp_path / "a.key", tmp_path / "a.pem")
+    signature.generate_key_pair(tmp_path / "b.key", tmp_path / "b.pem")
+    trusted = signature.load_public_keys(tmp_path / "a.pem")
+    load_artifact(copy)  # no keys: an unsigned version is served as before
+    with pytest.raises(SignatureRefusedError, match="missing"):
+        load_artifact(copy, trusted)
+    signature.sign_artifact(copy, signature.load_private_key(tmp_path / "b.key"))
+    with pytest.raises(SignatureRefusedError, match="no trusted key"):
+        load_artifact(copy, trusted)
+    signature.sign_artifact(copy, signature.load_private_key(tmp_path / "a.key"))
+    assert load_artifact(copy, trusted).model_version == "1"
+    load_artifact(copy)  # manifest.sig is the one file beside the manifest it need not list
+    # A tampered manifest with recomputed digests (what a repository writer can do) fails
+    # the signature, which covers the manifest and through it every file.
+    edit_manifest(copy, lambda m: m["label"].update(max_value=6.0))
+    with pytest.raises(SignatureRefusedError, match="no trusted key"):
+        load_artifact(copy, trusted)
+    # Both keys in one file (a rotation): either verifies.
+    (tmp_path / "both.pem").write_bytes((tmp_path / "a.pem").read_bytes() + (tmp_path / "b.pem").read_bytes())
+    assert len(signature.load_public_keys(tmp_path / "both.pem")) == 2
+
+
+def test_the_signing_script_signs_what_the_loader_verifies(copy: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from warmstart import signature
+
+    script = [sys.executable, str(Path(__file__).resolve().parents[2] / "scripts" / "sign_artifact.py")]
+    key, public = tmp_path / "signer.key", tmp_path / "trusted.pem"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*script, *args], capture_output=True, text=True, timeout=60)
+
+    assert run("keygen", "--private-key", str(key), "--public-key", str(public)).returncode == 0
+    assert key.stat().st_mode & 0o077 == 0  # the private key is its owner's only
+    assert run("verify", "--public-key", str(public), str(copy)).returncode == 1  # unsigned
+    assert run("sign", "--private-key", str(key), str(copy)).returncode == 0
+    assert run("verify", "--public-key", str(public), str(copy)).returncode == 0
+    assert load_artifact(copy, signature.load_public_keys(public)).model_version == "1"
+    assert run("sign", "--private-key", str(tmp_path / "missing.key"), str(copy)).returncode == 2

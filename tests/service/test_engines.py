@@ -1,4 +1,4 @@
-"""Both engines give the same outputs on the same artifact; the server matches model.pt2."""
+"""Both engines give the same outputs on the same artifact; the server matches the torch program."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_engine_descriptions(engines):
 
 
 def test_served_scores_equal_the_torch_program(shared_server, engines, tiny_artifact: Path, item_ids):
-    """The server (onnxruntime, padded, batched) against model.pt2 on the unpadded batch."""
+    """The server (onnxruntime, padded, batched) against the torch program on the unpadded batch."""
     _, _, torch_engine = engines
     reference = Reference(tiny_artifact)
     rng = np.random.default_rng(7)

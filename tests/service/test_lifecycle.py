@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,16 +150,62 @@ def test_bad_version_is_refused_and_a_good_one_is_picked_up(repository: Path, ti
         assert server.metric("warmstart_model_info", name="tiny", version="3", engine="onnxruntime:CPUExecutionProvider") == 1
 
 
-def test_explicit_reload_retries_refused_versions(repository: Path, tiny_artifact: Path):
-    """A refused version stays refused for polling; SIGHUP (reload) tries it again."""
+def test_a_refused_version_is_retried_when_it_changes_or_on_reload(repository: Path, tiny_artifact: Path):
+    """Polling skips a refused version while its directory stays as it was, retries it
+    once it changes (an operator's repair); a reload (SIGHUP) retries it anyway."""
     new_version(tiny_artifact, repository / "tiny", "1")
     with ServerThread(make_config(repository)) as server:
         v2 = new_version(tiny_artifact, repository / "tiny", "2", tamper=lambda v: (v / "extra.bin").write_bytes(b"x"))
         assert server.run(server.server.models.refresh()).version == "1"
         assert server.metric("warmstart_model_load_failures_total", reason="unlisted_file") == 1
-        (v2 / "extra.bin").unlink()  # fixed in place (an operator's repair)
-        assert server.run(server.server.models.refresh()).version == "1"  # polling does not retry
-        assert server.run(server.server.reload(retry_refused=True)).version == "2"
+        assert server.run(server.server.models.refresh()).version == "1"
+        assert server.metric("warmstart_model_load_failures_total", reason="unlisted_file") == 1  # unchanged: not retried
+        assert server.run(server.server.reload(retry_refused=True)).version == "1"
+        assert server.metric("warmstart_model_load_failures_total", reason="unlisted_file") == 2  # reload: retried
+        (v2 / "extra.bin").unlink()  # fixed in place
+        assert server.run(server.server.models.refresh()).version == "2"
+
+
+def test_a_version_copied_in_file_by_file_is_served_once_complete(repository: Path, tiny_artifact: Path, tmp_path: Path):
+    """`cp -r` into the repository: polling finds the version half copied and refuses it,
+    then serves it once the copy is complete (no SIGHUP needed)."""
+    new_version(tiny_artifact, repository / "tiny", "1")
+    (tmp_path / "elsewhere").mkdir()
+    complete = new_version(tiny_artifact, tmp_path / "elsewhere", "2")
+    files = sorted(p.relative_to(complete) for p in complete.rglob("*") if p.is_file())
+    target = repository / "tiny" / "2"
+    with ServerThread(make_config(repository)) as server:
+        target.mkdir()
+        for relative in files[: len(files) // 2]:
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(complete / relative, target / relative)
+        assert server.run(server.server.models.refresh()).version == "1"
+        assert "2" in server.server.models.refused()
+        for relative in files[len(files) // 2 :]:
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(complete / relative, target / relative)
+        assert server.run(server.server.models.refresh()).version == "2"
+
+
+def test_with_trusted_keys_only_signed_versions_are_served(repository: Path, tiny_artifact: Path, tmp_path: Path):
+    from warmstart import signature
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    signature.generate_key_pair(keys / "signer.key", keys / "trusted.pem")
+    signature.generate_key_pair(keys / "other.key", keys / "other.pem")
+    v1 = new_version(tiny_artifact, repository / "tiny", "1")
+    with ServerThread(make_config(repository, trusted_keys=keys / "trusted.pem"), wait_ready=False) as server:
+        server.run(server.server.models.refresh())
+        assert server.server.models.current is None  # unsigned: refused
+        assert server.metric("warmstart_model_load_failures_total", reason="signature") == 1
+        signature.sign_artifact(v1, signature.load_private_key(keys / "other.key"))
+        server.run(server.server.models.refresh())
+        assert server.server.models.current is None  # signed by a key it does not trust
+        assert "no trusted key" in server.server.models.refused()["1"]
+        signature.sign_artifact(v1, signature.load_private_key(keys / "signer.key"))
+        assert server.run(server.server.models.refresh()).version == "1"  # the signature changed: retried
+        assert health_status(server.channel) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_full_queue_answers_resource_exhausted(tiny_repository: Path, item_ids):
@@ -255,7 +302,7 @@ class GatedProcess:
                 "--model-repository", str(repository), "--model-name", "tiny",
                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                 "--poll-interval-s", "0", "--max-interactions", "8", "--max-candidates", "32", "--log-level", "WARNING",
-                *flags,
+                "--drain-delay-s", "0", *flags,
             ],
             cwd=ROOT,
             stdin=subprocess.PIPE,
@@ -300,6 +347,32 @@ def test_sigterm_drains_in_flight_requests(tiny_repository: Path, item_ids):
         server.process.stdin.flush()
         assert len(in_flight.result(timeout=WAIT_S).items) == 5
         assert server.process.wait(WAIT_S) == 0
+    finally:
+        server.close()
+
+
+def test_sigterm_keeps_serving_through_the_drain_delay_and_loses_no_call(tiny_repository: Path, item_ids):
+    """SIGTERM: health turns NOT_SERVING at once, the server keeps answering for the drain
+    delay (calls sent after NOT_SERVING are served), every call in flight at SIGTERM ends
+    OK, the Watch stream ends, then the process exits 0."""
+    server = GatedProcess(tiny_repository, "--drain-delay-s", "3", "--grace-period-s", "20", "--max-batch-size", "4")
+    try:
+        watch = health_pb2_grpc.HealthStub(server.channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        held = server.hold_a_request(item_ids)  # inside the engine
+        rng = np.random.default_rng(8)
+        queued = [pb_stub(server.channel).Recommend.future(recommend_request(item_ids, 2, 5, rng), timeout=60) for _ in range(6)]
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        after = pb_stub(server.channel).Recommend.future(recommend_request(item_ids, 0, 5, rng), timeout=60)
+        server.process.stdin.write("\n" * 8)  # let every gated batch through
+        server.process.stdin.flush()
+        for future in [held, *queued, after]:
+            assert len(future.result(timeout=WAIT_S).items) == 5
+        assert server.process.wait(WAIT_S) == 0
+        assert time.monotonic() - signalled >= 2.5  # it served through the delay before stopping
+        assert list(watch) == []  # the Watch stream ended with the server, without an error
     finally:
         server.close()
 

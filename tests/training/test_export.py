@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from training import export as E
 from training.features import FeatureSchema, Field
+from warmstart.torch_program import load_program
 from warmstart.v1 import manifest_pb2 as pb
 
 
@@ -27,7 +28,7 @@ def test_artifact_layout_and_manifest(tiny_artifact):
     assert listed == on_disk - {"manifest.json", "manifest.sha256"}
     digest, name = (tiny_artifact / "manifest.sha256").read_text().split()
     assert name == "manifest.json" and digest == E.sha256_file(tiny_artifact / "manifest.json")
-    assert {"init.safetensors", "model.onnx", "model.pt2", "catalog.safetensors", "catalog_items.txt"} <= listed
+    assert {"init.safetensors", "model.onnx", E.TORCH_PROGRAM_FILE, "catalog.safetensors", "catalog_items.txt"} <= listed
     assert {"training_summary.json", "training_log.jsonl"} <= listed
     for entry in manifest.files:
         assert E.sha256_file(tiny_artifact / entry.path) == entry.sha256
@@ -63,7 +64,7 @@ def test_catalog_matches_the_vocabulary(tiny_artifact):
 def test_onnx_torch_export_and_training_agree_on_fresh_shapes(tiny_artifact, shape):
     reference_model = E.load_exported_model(tiny_artifact)
     session = ort.InferenceSession(str(tiny_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
-    program = torch.export.load(str(tiny_artifact / "model.pt2")).module()
+    program = load_program(tiny_artifact / E.TORCH_PROGRAM_FILE).module()
     batch = E.random_batch(reference_model.schema, shape, np.random.default_rng(shape.batch * 1000 + shape.query), reference_model.label)
     with torch.no_grad():
         reference = [t.numpy() for t in reference_model.forward(batch)]
@@ -91,7 +92,7 @@ def test_onnx_dimensions_are_dynamic_and_widths_static(tiny_artifact):
 
 
 def test_exported_program_pins_no_device(tiny_artifact):
-    assert E.device_pinned_nodes(torch.export.load(str(tiny_artifact / "model.pt2"))) == []
+    assert E.device_pinned_nodes(load_program(tiny_artifact / E.TORCH_PROGRAM_FILE)) == []
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +156,29 @@ def test_large_vocabularies_go_to_files(tmp_path):
     assert not field.vocabulary and field.vocabulary_file == "vocab/item.item_id.txt"
     assert tuple((tmp_path / field.vocabulary_file).read_text().splitlines()) == values
     assert field.vocabulary_size == len(values)
+
+
+def test_partial_directories_of_killed_exports_are_removed(tmp_path: Path):
+    """An export killed midway leaves `.<version>.partial-<host>-<pid>-*`; the next export
+    removes it once that process is gone, and leaves one still being written alone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    tag = E._owner_tag().rsplit("-", 1)[0]
+    dead = tmp_path / f".3.partial-{tag}-{dead_pid}-abc"
+    live = tmp_path / f".4.partial-{tag}-{os.getpid()}-def"
+    foreign_old = tmp_path / ".5.partial-otherhost-1-ghi"
+    foreign_new = tmp_path / ".6.partial-otherhost-1-jkl"
+    for directory in (dead, live, foreign_old, foreign_new):
+        (directory / "vocab").mkdir(parents=True)
+        (directory / "vocab" / "f.txt").write_text("x\n")
+    (dead / "vocab").chmod(0o555)  # as _make_read_only leaves it
+    old = time.time() - E.PARTIAL_MAX_AGE_S - 60
+    os.utime(foreign_old, (old, old))
+    removed = E.remove_abandoned_partials(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([dead.name, foreign_old.name])
+    assert not dead.exists() and not foreign_old.exists() and live.exists() and foreign_new.exists()

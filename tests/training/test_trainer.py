@@ -97,6 +97,44 @@ def test_a_killed_run_resumes_to_the_same_weights(synthetic_split, tmp_path):
     assert [h["valid_loss"] for h in resumed.history] == [h["valid_loss"] for h in whole.history]
 
 
+def test_a_kill_between_the_checkpoint_files_resumes_from_one_consistent_step(synthetic_split, tmp_path):
+    """A kill after checkpoint.safetensors is replaced and before checkpoint.json is: the
+    run resumes from the step the tensors belong to, never from the tensors of one step
+    with the counters, optimiser state and sampler of another."""
+    dataset, _, context = synthetic_split
+    config = TrainConfig(meta_steps=40, eval_every=10, checkpoint_every=10, patience=0, meta_batch_size=8)
+    whole = make_trainer(dataset, context, tmp_path / "whole", config).run()
+    directory = tmp_path / "torn"
+    copies: dict[int, str] = {}
+
+    def keep_json_then_kill(step: int) -> None:
+        if step in (10, 20):  # on_step runs just after the checkpoint of its step
+            copies[step] = (directory / "checkpoint.json").read_text()
+        if step == 25:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        make_trainer(dataset, context, directory, config).run(on_step=keep_json_then_kill)
+    (directory / "checkpoint.json").write_text(copies[10])  # the step-20 save "killed" before its json
+    resumed_trainer = make_trainer(dataset, context, directory, config)
+    resumed_trainer.load_checkpoint(directory)
+    assert resumed_trainer.step == 20  # the state inside the tensors' file, not the stale copy
+    resumed = make_trainer(dataset, context, directory, config).run()
+    for name, value in whole.params.items():
+        assert torch.equal(value, resumed.params[name]), name
+
+
+def test_a_checkpoint_without_its_state_is_refused(synthetic_split, tmp_path):
+    """A checkpoint.safetensors whose header does not carry the state it belongs to (a
+    foreign or older file) is refused, not resumed with a state from elsewhere."""
+    from safetensors.torch import save_file
+
+    dataset, _, context = synthetic_split
+    save_file({"params.x": torch.zeros(1)}, str(tmp_path / "checkpoint.safetensors"))
+    with pytest.raises(ValueError, match="no training state"):
+        make_trainer(dataset, context, tmp_path, TrainConfig(meta_steps=5, eval_every=5, patience=0, meta_batch_size=4)).run()
+
+
 def test_a_checkpoint_from_another_configuration_is_refused(synthetic_split, tmp_path):
     dataset, _, context = synthetic_split
     config = TrainConfig(meta_steps=5, eval_every=5, checkpoint_every=5, patience=0, meta_batch_size=4)
@@ -140,7 +178,7 @@ def test_a_run_killed_between_the_two_checkpoint_files_resumes_to_the_same_weigh
 
     def replace_then_die_at_step_20(src, dst):
         real_replace(src, dst)
-        if str(dst).endswith("checkpoint.safetensors") and trainer_module.checkpoint_metadata(Path(dst).parent)["step"] == 20:
+        if str(dst).endswith("checkpoint.safetensors") and trainer_module._read_unit(Path(dst).parent)[0]["step"] == 20:
             raise Killed()  # the tensors of step 20 are in place, checkpoint.json still says 10
 
     monkeypatch.setattr(trainer_module.os, "replace", replace_then_die_at_step_20)
