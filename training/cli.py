@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("on", "off", "tune"),
         default=served.attribute_prior,
         help="bias_factor: shrink items toward what their attributes predict (on), toward the mean (off), "
-        f"or let the validation users choose (tune, the default: {served.attribute_prior})",
+        f"or let the validation users choose its weight (tune); default {served.attribute_prior}",
     )
     p.add_argument(
         "--learner", choices=("warmstart", "maml", "fomaml", "metasgd", "none"), default="warmstart", help="meta-learner"

@@ -34,7 +34,7 @@ def test_artifact_layout_and_manifest(tiny_artifact):
         assert E.sha256_file(tiny_artifact / entry.path) == entry.sha256
         assert (tiny_artifact / entry.path).stat().st_size == entry.size_bytes
     assert [i.name for i in manifest.graph.inputs] == list(E.INPUT_NAMES)
-    assert [o.name for o in manifest.graph.outputs] == list(E.OUTPUT_NAMES)
+    assert [o.name for o in manifest.graph.outputs] == [*E.OUTPUT_NAMES, E.ENGAGEMENT_OUTPUT]  # the served structure has the engagement head
     assert len(manifest.export_checks) >= 4
     assert all(c.max_abs_diff_onnx <= 1e-4 and c.max_abs_diff_torch_export <= 1e-4 for c in manifest.export_checks)
     assert manifest.inner_loop.steps == 5 and manifest.model.adapted_parameters == ["user.bias", "user.factors"]
@@ -69,7 +69,8 @@ def test_onnx_torch_export_and_training_agree_on_fresh_shapes(tiny_artifact, sha
     with torch.no_grad():
         reference = [t.numpy() for t in reference_model.forward(batch)]
         exported = [t.numpy() for t in program(*batch)]
-    from_onnx = session.run(list(E.OUTPUT_NAMES), {n: t.numpy() for n, t in zip(E.INPUT_NAMES, batch)})
+    from_onnx = session.run(list(E.output_names(reference_model)), {n: t.numpy() for n, t in zip(E.INPUT_NAMES, batch)})
+    assert len(reference) == len(from_onnx) == len(exported) == 4  # scores, losses, engagement
     for ref, a, b in zip(reference, from_onnx, exported):
         assert ref.shape == a.shape == b.shape
         np.testing.assert_allclose(a, ref, atol=1e-4, rtol=0)
