@@ -490,6 +490,8 @@ def _tune_engagement_start(
         best[0], best[1], scores[best], {f"{k[0]:.4g}/{k[1]:g}": round(v, 4) for k, v in scores.items()},
     )
     return built[best]
+
+
 ATTRIBUTE_PRIOR_GRID = (3.0, 30.0, 300.0, 3000.0)
 
 
