@@ -11,8 +11,10 @@ from tests.service.harness import ServerThread, catalog_ids, make_config
 
 @pytest.fixture(scope="session")
 def shared_server(tiny_repository: Path):
-    """A server over the tiny artifact, shared by tests that do not change it."""
-    with ServerThread(make_config(tiny_repository, model_name="tiny")) as server:
+    """A server over the tiny artifact, shared by tests that do not change it. It admits
+    every call the concurrency tests have in flight at once (300): admission itself is
+    tested in test_overload.py with its own limits."""
+    with ServerThread(make_config(tiny_repository, model_name="tiny", max_in_flight=512, max_pending_rpcs=1024)) as server:
         yield server
 
 

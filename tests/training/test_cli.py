@@ -93,7 +93,8 @@ def test_train_writes_an_artifact(trained):
     assert summary["model"]["factors"] == 8
     assert summary["train"]["meta_steps"] == 20 and summary["train"]["eval_every"] == 10
     log = [json.loads(line) for line in (artifact / "training_log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log] == [0, 10, 20]  # an evaluation every 10 meta-steps
+    assert [entry["step"] for entry in log if "phase" not in entry] == [0, 10, 20]  # an evaluation every 10 meta-steps
+    assert [entry["step"] for entry in log if entry.get("phase") == "engagement"] == [0, 10, 20]  # then the engagement head's
     assert all(entry["valid_loss"] > 0 for entry in log)
 
 
@@ -302,10 +303,11 @@ def test_evaluate_topn_writes_report_summary_and_results(tmp_path, capsys):
     out_dir = tmp_path / "topn"
     args = ["evaluate", "--protocol", "topn", "--dataset", "synthetic", "--synthetic-users", "200"]
     args += ["--synthetic-items", "120", "--only-folds", "0", "--no-progress", "--out", str(out_dir)]
+    args += ["--meta-steps", "20", "--eval-every", "10"]  # the served model (a default method) trains briefly
     assert main(args) == 0
     assert capsys.readouterr().out.strip() == f"report: {out_dir / 'report.md'}"
     rows = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
-    assert {r["method"] for r in rows} == {"popular", "itemknn", "ease", "ials"}
+    assert {r["method"] for r in rows} == {"popular", "itemknn", "ease", "ials", "warmstart"}
     assert {r["support_size"] for r in rows} == {"0", "1", "3", "5", "10", "20"}
     assert {r["relevance"] for r in rows} == {"later", "liked"}
     assert {r["fold"] for r in rows} == {0}
@@ -319,9 +321,9 @@ def test_evaluate_topn_writes_report_summary_and_results(tmp_path, capsys):
         assert group == users[(section, k, "ease")]
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["reference"] == "ease"
-    assert {c["method"] for c in summary["coverage"]} == {"popular", "itemknn", "ease", "ials"}
+    assert {c["method"] for c in summary["coverage"]} == {"popular", "itemknn", "ease", "ials", "warmstart"}
     assert all(0.0 < c["coverage@20"] <= 1.0 for c in summary["coverage"])
-    assert {s["method"] for s in summary["settings"]} == {"itemknn", "ease", "ials"}
+    assert {s["method"] for s in summary["settings"]} == {"itemknn", "ease", "ials", "warmstart"}
     metrics = set(summary["rows"][0]["metrics"])
     assert metrics == {"recall@10", "recall@20", "ndcg@10", "ndcg@20", "popularity@20"}
     report = (out_dir / "report.md").read_text()

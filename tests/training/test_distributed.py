@@ -233,4 +233,4 @@ def test_export_under_torchrun_is_rank_0s_alone(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "repository").exists()
     monkeypatch.setenv("RANK", "0")
     assert main(command) == 2  # rank 0 does the export (and here finds no checkpoint)
-    assert "no checkpoint.json" in capsys.readouterr().err
+    assert "no checkpoint.safetensors" in capsys.readouterr().err
