@@ -95,7 +95,8 @@ def test_train_writes_an_artifact(trained):
     log = [json.loads(line) for line in (artifact / "training_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log if "phase" not in entry] == [0, 10, 20]  # an evaluation every 10 meta-steps
     assert [entry["step"] for entry in log if entry.get("phase") == "engagement"] == [0, 10, 20]  # then the engagement head's
-    assert all(entry["valid_loss"] > 0 for entry in log)
+    assert all(entry["valid_loss"] > 0 for entry in log if "phase" not in entry)  # query MSE
+    assert all(-1.0 <= entry["valid_loss"] < 0 for entry in log if "phase" in entry)  # minus Recall@20
 
 
 def test_second_train_writes_version_2_and_pushes_its_summary(trained, gateway, capsys):
