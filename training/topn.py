@@ -183,16 +183,23 @@ def popularity_percentiles(counts: np.ndarray) -> np.ndarray:
     return 100.0 * (less + 0.5 * equal) / (n - 1)
 
 
-def support_mask(tasks: Sequence[Task], index: dict[str, int], n_items: int) -> np.ndarray:
-    """(T, C) bool: True where a catalog item is in the task's support."""
-    mask = np.zeros((len(tasks), n_items), dtype=bool)
+def _membership(tasks: Sequence[Task], index: dict[str, int], n_items: int, relevant: bool) -> np.ndarray:
+    """(T, C) bool: True where a catalog item is among the task's support items (or, with
+    `relevant`, its query: the relevant items)."""
+    what = "relevant" if relevant else "support"
+    matrix = np.zeros((len(tasks), n_items), dtype=bool)
     for t, task in enumerate(tasks):
-        for item in task.support_items:
+        for item in task.query_items if relevant else task.support_items:
             j = index.get(item)
             if j is None:
-                raise ValueError(f"support item {item!r} of user {task.user!r} is not in the catalog")
-            mask[t, j] = True
-    return mask
+                raise ValueError(f"{what} item {item!r} of user {task.user!r} is not in the catalog")
+            matrix[t, j] = True
+    return matrix
+
+
+def support_mask(tasks: Sequence[Task], index: dict[str, int], n_items: int) -> np.ndarray:
+    """(T, C) bool: True where a catalog item is in the task's support."""
+    return _membership(tasks, index, n_items, relevant=False)
 
 
 def top_n(scores: np.ndarray, excluded: np.ndarray, order: np.ndarray, n: int) -> np.ndarray:
@@ -217,14 +224,7 @@ def top_n(scores: np.ndarray, excluded: np.ndarray, order: np.ndarray, n: int) -
 
 def relevance_matrix(tasks: Sequence[Task], index: dict[str, int], n_items: int) -> np.ndarray:
     """(T, C) bool: True where a catalog item is relevant to the task (its query)."""
-    matrix = np.zeros((len(tasks), n_items), dtype=bool)
-    for t, task in enumerate(tasks):
-        for item in task.query_items:
-            j = index.get(item)
-            if j is None:
-                raise ValueError(f"relevant item {item!r} of user {task.user!r} is not in the catalog")
-            matrix[t, j] = True
-    return matrix
+    return _membership(tasks, index, n_items, relevant=True)
 
 
 def topn_metrics(lists: np.ndarray, relevant: np.ndarray, cutoffs: Sequence[int] = CUTOFFS) -> dict[str, np.ndarray]:

@@ -217,3 +217,19 @@ def test_rmse_difference_maps_the_mse_interval() -> None:
 
 def test_rmse_difference_of_two_exact_methods_is_zero() -> None:
     assert rmse_difference_ci(np.zeros(3), np.zeros(3)) == (0.0, 0.0, 0.0)
+
+
+def test_recall_at_n_counts_hits_over_the_reachable_relevant_items():
+    from training.metrics import recall_at_n
+    from training.topn import topn_metrics
+
+    # 2 of the first 3 ranked are relevant; 5 relevant items, so at most 3 can be found in 3.
+    assert recall_at_n([4, 7, 1, 9], [7, 1, 2, 3, 8], 3) == pytest.approx(2 / 3)
+    # fewer relevant items than n: both found is full recall
+    assert recall_at_n([0, 5, 6, 2], [2, 6], 4) == 1.0
+    # the harness's vectorised Recall@N agrees on the same list
+    relevant = np.zeros((1, 10), dtype=bool)
+    relevant[0, [7, 1, 2, 3, 8]] = True
+    assert topn_metrics(np.array([[4, 7, 1, 9]]), relevant, (3,))["recall@3"][0] == pytest.approx(recall_at_n([4, 7, 1, 9], [7, 1, 2, 3, 8], 3))
+    with pytest.raises(ValueError):
+        recall_at_n([1, 2], [], 2)
