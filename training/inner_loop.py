@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from training import memory
 from training import model as M
 from training.features import FeatureSchema
 
@@ -261,8 +262,15 @@ def adapt_and_score(
     query_repr = M.pair_repr(model_config, users, M.item_repr(model_config, schema, params, batch.query_items))
     start = M.initial_user_params(model_config, schema, params, batch.user_features)  # {name: (B, ...)}
     pulls, learning_rates, offsets = _step_settings(adapted_names, config, params)
+    user_rates: dict[str, list[Tensor]] = {}  # per-user step sizes (the memory's); {} = the shared ones
+    phi0 = None
+    if model_config.memory_slots:
+        read = memory.read(model_config, schema, params, batch, loss_kind)
+        start, user_rates = memory.personalise(start, learning_rates, read)
+        phi0 = None if read.engagement is None else params["eng.user0"] + read.engagement
 
-    def per_user(start_u: M.Params, user: Tensor, s_items, labels: Tensor, mask: Tensor, q_items):
+    def per_user(start_u: M.Params, user: Tensor, s_items, labels: Tensor, mask: Tensor, q_items, rates_u):
+        rates = rates_u or learning_rates
         theta0 = {n: start_u[n] for n in adapted_names}
         fixed = {n: v for n, v in start_u.items() if n not in theta0}
 
@@ -271,30 +279,37 @@ def adapt_and_score(
             return (support_loss_terms(loss_kind, scores, labels) * mask).sum()
 
         n_support = mask.sum()
-        theta = inner_steps(data_loss, theta0, learning_rates, _denominators(adapted_names, n_support, offsets), config, pulls)
+        theta = inner_steps(data_loss, theta0, rates, _denominators(adapted_names, n_support, offsets), config, pulls)
         before = data_loss(theta0) / n_support.clamp(min=1.0)
         after = data_loss(theta) / n_support.clamp(min=1.0)
         scores = M.predict(model_config, params, {**fixed, **theta}, user, q_items)
         return scores, before, after
 
     scores, before, after = vmap(per_user)(
-        start, users, support_repr, batch.support_labels, batch.support_mask, query_repr
+        start, users, support_repr, batch.support_labels, batch.support_mask, query_repr, user_rates
     )
     if not model_config.engagement_factors:
         return InnerLoopOutput(scores, before, after)
     _, support_p = M.item_engagement(model_config, schema, params, batch.support_items)  # (B, S, e)
     query_c, query_p = M.item_engagement(model_config, schema, params, batch.query_items)  # (B, Q), (B, Q, e)
     weights = engagement_weights(loss_kind, batch.support_labels, batch.support_mask)  # (B, S)
-    phi = adapt_engagement(model_config, config, params, support_p, weights)  # (B, e)
+    phi = adapt_engagement(model_config, config, params, support_p, weights, phi0)  # (B, e)
     engagement = vmap(lambda c, p, f: M.engagement_scores(params, c, p, f))(query_c, query_p, phi)
     return InnerLoopOutput(scores, before, after, engagement)
 
 
 def adapt_engagement(
-    model_config: M.ModelConfig, config: InnerLoopConfig, params: M.Params, support_p: Tensor, weights: Tensor
+    model_config: M.ModelConfig,
+    config: InnerLoopConfig,
+    params: M.Params,
+    support_p: Tensor,
+    weights: Tensor,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Each user's adapted engagement factors phi (B, e) from their support items' engagement
-    factors (B, S, e) and weights (B, S): the inner steps on the implicit loss of adapt_and_score."""
+    factors (B, S, e) and weights (B, S): the inner steps on the implicit loss of adapt_and_score.
+    `start` (B, e): each user's own phi_0 (the memory's, training.memory.engagement_start);
+    None = every user starts at the shared eng.user0."""
     names = (M.ENGAGEMENT_USER,)
     pulls, learning_rates, offsets = _step_settings(names, config, params)
     # No best-iterate guard here: its selection would cut the meta-gradient to the step
@@ -302,9 +317,9 @@ def adapt_engagement(
     config = replace(config, keep_best=False)
     gram = params[M.ENGAGEMENT_GRAM]  # (e, e)
     catalog_weight = torch.exp(params[CATALOG_WEIGHT])
-    phi0 = params["eng.user0"]
+    shared_phi0 = params["eng.user0"]
 
-    def per_user(p: Tensor, w: Tensor) -> Tensor:
+    def per_user(p: Tensor, w: Tensor, phi0: Tensor) -> Tensor:
         def data_loss(theta: M.Params) -> Tensor:
             phi = theta[M.ENGAGEMENT_USER]
             fit = 1.0 - p @ phi  # (S,)
@@ -314,7 +329,9 @@ def adapt_engagement(
         theta = inner_steps(data_loss, theta0, learning_rates, _denominators(names, w.sum(), offsets), config, pulls)
         return theta[M.ENGAGEMENT_USER]
 
-    return vmap(per_user)(support_p, weights)
+    if start is None:
+        return vmap(lambda p, w: per_user(p, w, shared_phi0))(support_p, weights)
+    return vmap(per_user)(support_p, weights, start)
 
 
 def to_label_units(scores: Tensor, loss_kind: LossKind, low: float, high: float) -> Tensor:

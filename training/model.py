@@ -79,6 +79,11 @@ class ModelConfig:
     item_biases: Literal["shrunk_mean", "als"] = "shrunk_mean"
     bias_reg_item: float = 10.0
     bias_reg_user: float = 15.0
+    # bias_factor: the memory learner (training.memory): memory_slots slots, read by softmax
+    # attention from the user's attributes and pooled support items, personalise theta_0,
+    # the inner step sizes and the engagement head's phi_0. 0 = no memory (the served model).
+    memory_slots: int = 0
+    memory_key_dim: int = 16  # size of the memory's keys (the attention's query space)
 
     def __post_init__(self) -> None:
         if self.kind not in ("bias_factor", "mlp"):
@@ -103,6 +108,10 @@ class ModelConfig:
             raise ValueError(f"engagement_factors must be >= 0, got {self.engagement_factors}")
         if self.engagement_factors and self.kind != "bias_factor":
             raise ValueError("the engagement head needs the bias_factor model")
+        if self.memory_slots < 0 or self.memory_key_dim < 1:
+            raise ValueError(f"memory_slots must be >= 0 and memory_key_dim >= 1, got {self.memory_slots}, {self.memory_key_dim}")
+        if self.memory_slots and self.kind != "bias_factor":
+            raise ValueError("the memory learner needs the bias_factor model")
         object.__setattr__(self, "hidden", tuple(self.hidden))
         object.__setattr__(self, "adapted", tuple(self.adapted))
         object.__setattr__(self, "frozen", tuple(self.frozen))

@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from training import memory
 from training import model as M
 from training.batching import EncodedCatalog, EpisodeConfig, EpisodeSampler, task_batches
 from training.dataset import LabelSpec
@@ -145,7 +146,8 @@ class AdaptedModel:
         for start, (chunk, batch) in zip(range(0, len(tasks), batch_size), task_batches(catalog, tasks, batch_size)):
             _, support_p = M.item_engagement(self.model_config, self.schema, self.params, batch.support_items)
             weights = engagement_weights(loss_kind_of(self.label), batch.support_labels, batch.support_mask)
-            phi = adapt_engagement(self.model_config, self.inner_config, self.params, support_p, weights)
+            phi0 = memory.engagement_start(self.model_config, self.schema, self.params, batch, loss_kind_of(self.label))
+            phi = adapt_engagement(self.model_config, self.inner_config, self.params, support_p, weights, phi0)
             out[start : start + len(chunk)] = M.engagement_scores(self.params, c, p, phi).numpy()
         return out
 
@@ -231,7 +233,10 @@ class MetaTrainer:
         sources: Sequence[tuple[EpisodeSampler, M.Params]] = (),
         ranked_rows: np.ndarray | None = None,
         collective: Collective | None = None,
+        trainable_prefixes: Sequence[str] = (),
     ) -> None:
+        """`trainable_prefixes`: train only the parameters with these name prefixes (the
+        memory phases train the memory alone on top of the served model); () = all."""
         if not valid_tasks and train_config.patience > 0:
             raise ValueError("early stopping needs validation tasks (or patience=0)")
         self.model_config = model_config
@@ -260,6 +265,10 @@ class MetaTrainer:
         # The engagement objective trains the engagement head alone; the rating objective
         # leaves it where it is.
         self.trainable = [n for n in self.trainable if _is_engagement(n) == (train_config.objective == "engagement")]
+        if trainable_prefixes:
+            self.trainable = [n for n in self.trainable if n.startswith(tuple(trainable_prefixes))]
+            if not self.trainable:
+                raise ValueError(f"no trainable parameter starts with {tuple(trainable_prefixes)}")
         # The catalog the engagement head ranks (rows of catalog.codes): by default every
         # item with a known id. Items without one share the out-of-vocabulary row, and as
         # never-engaged negatives would only teach it to rank new items last.
@@ -311,7 +320,8 @@ class MetaTrainer:
         batch = episode.batch
         _, support_p = M.item_engagement(self.model_config, self.schema, params, batch.support_items)
         weights = engagement_weights(loss_kind_of(self.label), batch.support_labels, batch.support_mask)
-        phi = adapt_engagement(self.model_config, self.inner_config, params, support_p, weights)  # (B, e)
+        phi0 = memory.engagement_start(self.model_config, self.schema, params, batch, loss_kind_of(self.label))
+        phi = adapt_engagement(self.model_config, self.inner_config, params, support_p, weights, phi0)  # (B, e)
         c, p = M.item_engagement(self.model_config, self.schema, params, self.ranked_codes)  # (N,), (N, e)
         logits = M.engagement_scores(params, c, p, phi)  # (B, N)
         support_pos = self.ranked_position[episode.support_rows]  # (B, S), -1 = padding / unranked
