@@ -361,6 +361,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             factors=args.factors,
             attribute_prior=args.attribute_prior,
             engagement_factors=args.engagement_factors if args.model == "bias_factor" else 0,
+            memory_slots=args.memory_slots if args.learner == "memory" else 0,
         ),
         learner=args.learner,
         inner=learner_config(args.learner, steps=args.inner_steps),
@@ -387,6 +388,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         push_summary(args.pushgateway, args.name, result.summary)
     print(f"artifact: {result.export.path}")
+    return 0
+
+
+def cmd_inspect_memory(args: argparse.Namespace) -> int:
+    """Prints the memory report (training.memory.inspect) of an artifact for the dataset's users."""
+    import numpy as np
+
+    from training import memory
+    from training.batching import EncodedCatalog, task_batches
+    from training.export import load_exported_model
+    from training.splits import Task
+    from training.trainer import loss_kind_of
+
+    if args.support_size < 0:
+        raise UsageError("--support-size must be >= 0")
+    model = load_exported_model(args.artifact)
+    if not model.model_config.memory_slots:
+        raise ValueError(f"{args.artifact}: this model has no memory (train it with --learner memory)")
+    dataset = load_from_args(args)
+    catalog = EncodedCatalog(model.schema, dataset)
+    users, rows = dataset.factorized("user_ids")
+    tasks = []
+    order = np.lexsort((dataset.timestamps, rows))
+    for user_index in range(len(users)):
+        mine = order[rows[order] == user_index][: args.support_size]
+        items = dataset.item_ids[mine]
+        tasks.append(Task(str(users[user_index]), items, dataset.labels[mine].astype(np.float64), items[:0], dataset.labels[mine][:0]))
+    batches = [batch for _, batch in task_batches(catalog, tasks, 512)]
+    print(memory.inspect(model.model_config, model.schema, model.params, batches, loss_kind_of(model.label)))
     return 0
 
 
@@ -478,8 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"or let the validation users choose its weight (tune); default {served.attribute_prior}",
     )
     p.add_argument(
-        "--learner", choices=("warmstart", "maml", "fomaml", "metasgd", "none"), default="warmstart", help="meta-learner"
+        "--learner",
+        choices=("warmstart", "memory", "maml", "fomaml", "metasgd", "none"),
+        default="warmstart",
+        help="meta-learner (memory: the served model plus a learned memory of earlier users, training/memory.py)",
     )
+    from training.learners import MEMORY_SLOTS
+
+    p.add_argument("--memory-slots", type=int, default=MEMORY_SLOTS, help=f"--learner memory: slots of the memory (default {MEMORY_SLOTS})")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and logs (default: <repository>/.work/<name>); a rerun resumes")
     p.add_argument(
         "--max-valid-users",
@@ -489,6 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pushgateway", default=None, help="Prometheus Pushgateway URL to push the job's summary to")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "inspect-memory",
+        help="what a memory learner's artifact learned: its slots by attention mass, and which user attributes map to which slots",
+    )
+    add_dataset_arguments(p)
+    p.add_argument("--artifact", type=Path, required=True, help="artifact directory (<repository>/<name>/<version>) of a `train --learner memory` run")
+    p.add_argument("--support-size", type=int, default=0, help="read the memory for every user with their first K interactions (default 0: attributes only)")
+    p.set_defaults(func=cmd_inspect_memory)
 
     p = sub.add_parser("export", help="export a training checkpoint (a finished or interrupted run) as an artifact")
     add_dataset_arguments(p)

@@ -29,6 +29,7 @@ from training.features import FeatureSchema, build_schema
 from training.fitting import FitContext
 from training.inner_loop import InnerLoopConfig
 from training.learners import logit
+from training.memory import ENGAGEMENT_PREFIX, MEMORY_PREFIX, init_memory_params
 from training.splits import Task
 from training.trainer import AdaptedModel, MetaTrainer, TrainConfig, TrainResult, validation_loss
 
@@ -344,7 +345,14 @@ def meta_train(
     """Prepares and meta-trains one model; returns the best model, the run's record and the prep.
 
     With a Collective over several processes every process prepares the same data and
-    meta-trains its share of each meta-batch (training.distributed)."""
+    meta-trains its share of each meta-batch (training.distributed).
+
+    A model with a memory (model_config.memory_slots > 0) is the served model meta-trained
+    as usual, then the memory alone on top of it (see _train_memory)."""
+    if model_config.memory_slots:
+        return _train_memory(
+            dataset, train, valid_tasks, model_config, inner_config, train_config, support_sizes, checkpoint_dir, log_path, progress, collective
+        )
     prep = prepare(dataset, train, valid_tasks, model_config, train_config, support_sizes)
     params = M.init_params(model_config, prep.schema, prep.stats, seed=train_config.seed)
     if (
@@ -546,3 +554,122 @@ def _tune_fold_in(
     best = min(scores, key=scores.__getitem__)
     log.info("fold-in ridge weight %.3g (validation loss %.4f; grid %s)", best, scores[best], {k: round(v, 4) for k, v in scores.items()})
     return replace(model_config, fold_in_l2=best)
+
+
+def _train_memory(
+    dataset: Dataset,
+    train: Dataset,
+    valid_tasks: Sequence[Task],
+    model_config: M.ModelConfig,
+    inner_config: InnerLoopConfig,
+    train_config: TrainConfig,
+    support_sizes: Sequence[int | None],
+    checkpoint_dir: Path | None,
+    log_path: Path | None,
+    progress: bool,
+    collective: Collective | None,
+) -> tuple[AdaptedModel, TrainResult, Prepared]:
+    """The memory learner: the served model, meta-trained exactly as `meta_train` trains it
+    (same checkpoints and log), then the memory phases on top of it (train_memory_phases)."""
+    served = meta_train(
+        dataset, train, valid_tasks, replace(model_config, memory_slots=0), inner_config, train_config, support_sizes, checkpoint_dir, log_path, progress, collective
+    )
+    return train_memory_phases(dataset, train, valid_tasks, model_config, inner_config, train_config, served, checkpoint_dir, log_path, progress, collective)
+
+
+def train_memory_phases(
+    dataset: Dataset,
+    train: Dataset,
+    valid_tasks: Sequence[Task],
+    model_config: M.ModelConfig,
+    inner_config: InnerLoopConfig,
+    train_config: TrainConfig,
+    served: tuple[AdaptedModel, TrainResult, Prepared],
+    checkpoint_dir: Path | None = None,
+    log_path: Path | None = None,
+    progress: bool = False,
+    collective: Collective | None = None,
+) -> tuple[AdaptedModel, TrainResult, Prepared]:
+    """The memory (training.memory) meta-trained alone on top of a meta-trained served model
+    (`served`: what meta_train returned for model_config without the memory), its values
+    starting at zero so that its first validation is the served model's. The rating memory
+    (keys, attribute tables, theta_0 and step-size values) is meta-trained on the rating
+    objective; with the engagement head, its phi_0 values are then meta-trained on the
+    listwise objective with the attention fixed. Early stopping on the same validation
+    users keeps the served model if the memory never improves on it."""
+    served_model, base, prep = served
+    # The served run's tuned settings (attribute prior, fold-in weight) plus the memory.
+    config = replace(served_model.model_config, memory_slots=model_config.memory_slots, memory_key_dim=model_config.memory_key_dim)
+    params = {k: v for k, v in base.params.items() if k != M.ENGAGEMENT_GRAM}
+    params.update(init_memory_params(config, prep.schema, seed=train_config.seed))
+    memory_dir = None if checkpoint_dir is None else checkpoint_dir / "memory"
+
+    def phase_log(name: str) -> Path | None:
+        return None if log_path is None else log_path.with_name(f"{log_path.stem}_{name}{log_path.suffix}")
+
+    rating = MetaTrainer(
+        config,
+        inner_config,
+        train_config,
+        prep.schema,
+        dataset.label,
+        prep.catalog,
+        prep.sampler,
+        valid_tasks,
+        params,
+        interactions=len(train),
+        checkpoint_dir=memory_dir,
+        progress=progress,
+        fingerprint=train.fingerprint(),
+        sources=[(source.sampler, source.item_params) for source in prep.sources],
+        collective=collective,
+        trainable_prefixes=(MEMORY_PREFIX,),
+    ).run(log_path=phase_log("memory"))
+    log.info(
+        "memory (rating): %d meta-steps in %.0f s, validation loss %.4f (served model %.4f)",
+        rating.steps_done, rating.wall_time_s, rating.best_validation_loss, rating.history[0]["valid_loss"] if rating.history else float("nan"),
+    )
+    phases = [{**h, "phase": "memory"} for h in rating.history]
+    result_params, engagement_steps, engagement_recall, wall = rating.params, base.engagement_steps, base.engagement_recall, rating.wall_time_s
+    if config.engagement_factors:
+        engagement_config = replace(
+            train_config,
+            objective="engagement",
+            episodes=replace(train_config.episodes, query="later", min_support=0, max_support=max(train_config.episodes.max_support, 20)),
+        )
+        assert prep.engaged is not None
+        engagement = MetaTrainer(
+            config,
+            inner_config,
+            engagement_config,
+            prep.schema,
+            dataset.label,
+            prep.catalog,
+            EpisodeSampler(prep.catalog, prep.engaged, engagement_config.episodes, learns_item_side=True),
+            valid_tasks,
+            {k: v for k, v in rating.params.items() if k != M.ENGAGEMENT_GRAM},
+            interactions=len(prep.engaged),
+            checkpoint_dir=None if memory_dir is None else memory_dir / "engagement",
+            progress=progress,
+            fingerprint=train.fingerprint(),
+            collective=collective,
+            trainable_prefixes=(ENGAGEMENT_PREFIX,),
+        ).run(log_path=phase_log("memory_engagement"))
+        log.info(
+            "memory (engagement): %d meta-steps in %.0f s, validation Recall@20 %.4f (served model %.4f)",
+            engagement.steps_done, engagement.wall_time_s, -engagement.best_validation_loss,
+            -engagement.history[0]["valid_loss"] if engagement.history else float("nan"),
+        )
+        phases += [{**h, "phase": "memory_engagement"} for h in engagement.history]
+        result_params, engagement_recall, wall = engagement.params, -engagement.best_validation_loss, wall + engagement.wall_time_s
+    result = TrainResult(
+        params=result_params,
+        best_validation_loss=rating.best_validation_loss,
+        steps_done=base.steps_done + rating.steps_done,
+        wall_time_s=base.wall_time_s + wall,
+        history=[*base.history, *phases],
+        engagement_recall=engagement_recall,
+        engagement_steps=engagement_steps,
+        memory_wall_time_s=wall,
+    )
+    return AdaptedModel(config, inner_config, prep.schema, dataset.label, result_params), result, prep

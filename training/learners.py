@@ -6,6 +6,9 @@
 - ``warmstart``: the served learner: Meta-SGD step sizes normalised by support size
   (lr / (n + c), c learned) plus a learned pull toward the initialisation, second order.
   On the bias_factor model it starts exactly at the tuned bias baseline.
+- ``memory``: the served learner plus a learned memory of earlier users that personalises
+  each user's initialisation, step sizes and engagement start (training.memory), meta-trained
+  on top of the served model; the memory lives in the model (ModelConfig.memory_slots).
 - ``none``: no inner loop at training (plain supervised training of the same network),
   used for the "without adaptation" and "fine-tuned" baselines.
 """
@@ -16,14 +19,15 @@ import math
 
 from training.inner_loop import InnerLoopConfig
 
-LEARNERS = ("maml", "fomaml", "metasgd", "warmstart", "none")
+LEARNERS = ("maml", "fomaml", "metasgd", "warmstart", "memory", "none")
+MEMORY_SLOTS = 8  # the memory learner's default number of slots
 
 
 def learner_config(learner: str, steps: int = 5, learning_rate: float | None = None) -> InnerLoopConfig:
     """The inner-loop configuration of a named learner."""
     if learner not in LEARNERS:
         raise ValueError(f"unknown learner {learner!r}; choose from {LEARNERS}")
-    if learner == "warmstart":
+    if learner in ("warmstart", "memory"):  # the memory changes the model, not the inner loop
         return InnerLoopConfig(steps=steps, learning_rate=learning_rate or 0.5)
     if learner == "none":
         return InnerLoopConfig(

@@ -21,7 +21,7 @@ from training.batching import EncodedCatalog
 from training.fitting import FitContext
 from training.inner_loop import InnerLoopConfig
 from training.initialisation import meta_train
-from training.learners import learner_config
+from training.learners import MEMORY_SLOTS, learner_config
 from training.splits import Task
 from training.trainer import AdaptedModel, TrainConfig, TrainResult, validation_loss
 
@@ -40,6 +40,7 @@ class MetaLearned:
     model: AdaptedModel | None = None
     result: TrainResult | None = None
     catalog: EncodedCatalog | None = None
+    served: dict | None = None  # where to leave the trained model for a Memory method on top of it
 
     def fit(self, context: FitContext) -> None:
         self.model, self.result, prep = meta_train(
@@ -53,6 +54,9 @@ class MetaLearned:
             progress=self.progress,
         )
         self.catalog = prep.catalog
+        if self.served is not None:
+            self.served.clear()
+            self.served[_fit_key(context)] = (self.model, self.result, prep)
         log.info(
             "%s: %d meta-steps in %.0f s, best validation loss %.4f",
             self.name,
@@ -79,6 +83,7 @@ class MetaLearnedTopN:
     model: AdaptedModel | None = None
     catalog: EncodedCatalog | None = None
     chosen: dict = field(default_factory=dict)
+    served: dict | None = None  # where to leave the trained model for a Memory method on top of it
 
     def fit(self, context: FitContext) -> None:
         self.model, result, prep = meta_train(
@@ -91,12 +96,80 @@ class MetaLearnedTopN:
             progress=self.progress,
         )
         self.catalog = prep.catalog
+        if self.served is not None:
+            self.served.clear()
+            self.served[_fit_key(context)] = (self.model, result, prep)
         self.chosen = {
+            "meta_training_s": round(result.wall_time_s, 1),
             "engagement_steps": result.engagement_steps,
             "validation_recall_at_20": round(result.engagement_recall or 0.0, 4),
             "attribute_prior": self.model.model_config.attribute_prior,
         }
         log.info("%s: %s", self.name, self.chosen)
+
+    def score_catalog(self, tasks: Sequence[Task], items: np.ndarray) -> np.ndarray:
+        assert self.model is not None and self.catalog is not None, "fit() first"
+        return self.model.score_catalog(self.catalog, tasks, self.catalog.rows(list(items)))
+
+
+def _fit_key(context: FitContext) -> tuple:
+    return (id(context.split), context.seed)
+
+
+@dataclass
+class Memory:
+    """The memory learner (training.memory) as a rating and a top-N method: the served
+    model meta-trained as `warmstart` trains it (or taken from the `warmstart` method of the
+    same run, through `served`: the same seed and data give the same model), then the
+    memory alone on top of it."""
+
+    name: str
+    model_config: M.ModelConfig  # with memory_slots > 0
+    inner_config: InnerLoopConfig
+    train_config: TrainConfig
+    progress: bool = False
+    served: dict | None = None
+    model: AdaptedModel | None = None
+    catalog: EncodedCatalog | None = None
+    chosen: dict = field(default_factory=dict)
+
+    def fit(self, context: FitContext) -> None:
+        from training.initialisation import train_memory_phases
+
+        train_config = replace(self.train_config, seed=context.seed)
+        served = (self.served or {}).get(_fit_key(context))
+        if served is None:
+            served = meta_train(
+                context.dataset,
+                context.train,
+                context.valid_tasks,
+                replace(self.model_config, memory_slots=0),
+                self.inner_config,
+                train_config,
+                support_sizes=context.support_sizes,
+                progress=self.progress,
+            )
+        self.model, result, prep = train_memory_phases(
+            context.dataset, context.train, context.valid_tasks, self.model_config, self.inner_config, train_config, served, progress=self.progress
+        )
+        self.catalog = prep.catalog
+        history = [h for h in result.history if h.get("phase", "").startswith("memory")]
+        self.chosen = {
+            "served_meta_training_s": round(served[1].wall_time_s, 1),
+            "memory_meta_training_s": round(result.memory_wall_time_s, 1),
+            "memory_steps": result.steps_done - served[1].steps_done,
+            "validation_loss_served": next((h["valid_loss"] for h in history if h["phase"] == "memory"), None),
+            "validation_loss_memory": round(result.best_validation_loss, 6),
+        }
+        if self.model_config.engagement_factors:
+            engagement = [h for h in history if h["phase"] == "memory_engagement"]
+            self.chosen["validation_recall_at_20_served"] = round(-engagement[0]["valid_loss"], 4) if engagement else None
+            self.chosen["validation_recall_at_20_memory"] = round(result.engagement_recall or 0.0, 4)
+        log.info("%s: %s", self.name, self.chosen)
+
+    def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        assert self.model is not None and self.catalog is not None, "fit() first"
+        return self.model.predict(self.catalog, tasks)
 
     def score_catalog(self, tasks: Sequence[Task], items: np.ndarray) -> np.ndarray:
         assert self.model is not None and self.catalog is not None, "fit() first"
@@ -186,6 +259,7 @@ METHOD_HELP = {
     "bf_metasgd": "bias_factor model, Meta-SGD on the user parameters",
     "warmstart": "the served model's rating head: ALS biases, normalised Meta-SGD with prior pull, attribute prior tuned",
     "warmstart_noattr": "the same without the attribute prior (items shrink toward the mean)",
+    "memory": "the served model plus a learned memory of earlier users (training.memory), meta-trained on top of it",
 }
 
 
@@ -197,6 +271,7 @@ def make_methods(names: Sequence[str], train_config: TrainConfig, inner_steps: i
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHOD_HELP)}")
     shared: dict = {}  # the MLP pre-trained once per split for both mlp and mlp_finetune
+    served: dict = {}  # the served model trained once per split for both warmstart and memory
     out = []
     for name in names:
         if name == "global_mean":
@@ -219,9 +294,13 @@ def make_methods(names: Sequence[str], train_config: TrainConfig, inner_steps: i
         elif name.startswith("bf_"):
             learner = name[len("bf_") :]
             out.append(MetaLearned(name, M.ModelConfig(), learner_config(learner, inner_steps, 0.1), train_config, progress=progress))
+        elif name == "memory":
+            config = M.served_config(engagement_factors=0, memory_slots=MEMORY_SLOTS)
+            out.append(Memory(name, config, learner_config("memory", inner_steps), train_config, progress=progress, served=served))
         else:  # warmstart, warmstart_noattr
             # The served configuration without its engagement head: the ratings do not
             # depend on it (the heads share no parameter), and it would only cost time here.
             config = M.served_config(engagement_factors=0, **({"attribute_prior": "off"} if name == "warmstart_noattr" else {}))
-            out.append(MetaLearned(name, config, learner_config("warmstart", inner_steps), train_config, progress=progress))
+            keep = served if name == "warmstart" and "memory" in names else None
+            out.append(MetaLearned(name, config, learner_config("warmstart", inner_steps), train_config, progress=progress, served=keep))
     return out

@@ -259,6 +259,8 @@ def export_checkpoint(
 
     if not has_checkpoint(checkpoint_dir):
         raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint.safetensors (is this a training run's checkpoint directory?)")
+    if has_checkpoint(checkpoint_dir / "memory"):  # the memory learner: its phases carry every parameter
+        checkpoint_dir = checkpoint_dir / "memory"
     model_config = M.ModelConfig.from_dict(read_checkpoint(checkpoint_dir)[0]["model_config"])
     if model_config.engagement_factors:
         # The engagement phase starts from the rating phase's result and carries every parameter.

@@ -496,6 +496,7 @@ TOPN_METHOD_HELP = {
     "ease": "EASE (Steck 2019): closed-form item-item ridge, zero diagonal, lambda tuned",
     "ials": "implicit ALS (Hu, Koren & Volinsky), item factors by the implicit package, the user folded in by a ridge solve",
     "warmstart": "the served model: meta-learned engagement head (implicit fold-in in the inner loop, listwise meta-training)",
+    "memory": "the served model plus a learned memory of earlier users (training.memory) personalising phi_0, meta-trained on top of it",
 }
 DEFAULT_TOPN_METHODS = "popular,itemknn,ease,ials,warmstart"
 DEFAULT_TOPN_REFERENCE = "ease"
@@ -512,6 +513,7 @@ def make_topn_methods(names: Sequence[str], train_config=None, inner_steps: int 
     unknown = [n for n in names if n not in TOPN_METHOD_HELP]
     if unknown:
         raise ValueError(f"unknown top-N methods {unknown}; choose from {', '.join(TOPN_METHOD_HELP)}")
+    served: dict = {}  # the served model trained once per split for both warmstart and memory
     out = []
     for name in names:
         if name == "popular":
@@ -530,5 +532,16 @@ def make_topn_methods(names: Sequence[str], train_config=None, inner_steps: int 
             from training import model as M
 
             config = train_config or TrainConfig()
-            out.append(MetaLearnedTopN(name, M.served_config(), learner_config("warmstart", inner_steps), config, progress=progress))
+            keep = served if "memory" in names else None
+            out.append(MetaLearnedTopN(name, M.served_config(), learner_config("warmstart", inner_steps), config, progress=progress, served=keep))
+        elif name == "memory":
+            from training.learners import MEMORY_SLOTS, learner_config
+            from training.methods import Memory
+            from training.trainer import TrainConfig
+
+            from training import model as M
+
+            config = train_config or TrainConfig()
+            model_config = M.served_config(memory_slots=MEMORY_SLOTS)
+            out.append(Memory(name, model_config, learner_config("memory", inner_steps), config, progress=progress, served=served))
     return out

@@ -210,6 +210,7 @@ class TrainResult:
     history: list[dict]
     engagement_recall: float | None = None  # best validation Recall@20 of the engagement head, if trained
     engagement_steps: int = 0  # meta-steps of the engagement phase (steps_done counts the rating phase)
+    memory_wall_time_s: float = 0.0  # the memory learner: time of its memory phases (included in wall_time_s)
 
 
 class MetaTrainer:
