@@ -109,24 +109,35 @@ def prepare(
         engaged=engaged,
     )
     if model_config.kind == "bias_factor" and model_config.cross_fit and _item_side_frozen(model_config):
-        users, user_codes = train.factorized("user_ids")
-        halves = np.random.default_rng([train_config.seed, 7]).permutation(len(users)) % 2
-        for half in (0, 1):
-            is_own = (halves == half)[user_codes]
-            other_train = train.subset(~is_own)
-            other_stats, _ = item_side(dataset, other_train, schema, catalog, bias.item_shrinkage, user_shrinkage, model_config)
-            if model_config.attribute_prior == "on":
-                other_stats = with_attribute_prior(
-                    other_stats, schema, catalog, ItemStats.of(other_train), bias.item_shrinkage, model_config.attribute_prior_l2
-                )
-            other = M.init_params(model_config, schema, other_stats, seed=train_config.seed)
-            prepared.sources.append(
-                EpisodeSource(
-                    EpisodeSampler(catalog, train.subset(is_own), train_config.episodes, learns_item_side=False),
-                    {k: v for k, v in other.items() if k.startswith("item.")},
-                )
-            )
+        prepared.sources = cross_fitted_sources(dataset, train, prepared, model_config, train_config)
     return prepared
+
+
+def cross_fitted_sources(
+    dataset: Dataset, train: Dataset, prep: Prepared, model_config: M.ModelConfig, train_config: TrainConfig
+) -> list[EpisodeSource]:
+    """Two episode sources: each half of the training users, scored with an item side fitted
+    on the other half only (see EpisodeSource)."""
+    schema, catalog = prep.schema, prep.catalog
+    sources = []
+    users, user_codes = train.factorized("user_ids")
+    halves = np.random.default_rng([train_config.seed, 7]).permutation(len(users)) % 2
+    for half in (0, 1):
+        is_own = (halves == half)[user_codes]
+        other_train = train.subset(~is_own)
+        other_stats, _ = item_side(dataset, other_train, schema, catalog, prep.item_shrinkage, prep.user_shrinkage, model_config)
+        if model_config.attribute_prior == "on":
+            other_stats = with_attribute_prior(
+                other_stats, schema, catalog, ItemStats.of(other_train), prep.item_shrinkage, model_config.attribute_prior_l2
+            )
+        other = M.init_params(model_config, schema, other_stats, seed=train_config.seed)
+        sources.append(
+            EpisodeSource(
+                EpisodeSampler(catalog, train.subset(is_own), train_config.episodes, learns_item_side=False),
+                {k: v for k, v in other.items() if k.startswith("item.")},
+            )
+        )
+    return sources
 
 
 def engagement_side(engaged: Dataset, schema: FeatureSchema, factors: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -589,6 +600,7 @@ def train_memory_phases(
     log_path: Path | None = None,
     progress: bool = False,
     collective: Collective | None = None,
+    cross_fit: bool = True,
 ) -> tuple[AdaptedModel, TrainResult, Prepared]:
     """The memory (training.memory) meta-trained alone on top of a meta-trained served model
     (`served`: what meta_train returned for model_config without the memory), its values
@@ -596,13 +608,20 @@ def train_memory_phases(
     (keys, attribute tables, theta_0 and step-size values) is meta-trained on the rating
     objective; with the engagement head, its phi_0 values are then meta-trained on the
     listwise objective with the attention fixed. Early stopping on the same validation
-    users keeps the served model if the memory never improves on it."""
+    users keeps the served model if the memory never improves on it.
+
+    cross_fit: the rating memory learns from episodes cross-fitted like
+    ModelConfig.cross_fit's (each half of the training users scored with an item side fitted
+    on the other half), because a training user's own ratings shaped the item side: what the
+    memory learned from them about a user's start did not transfer to new users (on
+    MovieLens-100K the validation loss rose from the first evaluation on)."""
     served_model, base, prep = served
     # The served run's tuned settings (attribute prior, fold-in weight) plus the memory.
     config = replace(served_model.model_config, memory_slots=model_config.memory_slots, memory_key_dim=model_config.memory_key_dim)
     params = {k: v for k, v in base.params.items() if k != M.ENGAGEMENT_GRAM}
     params.update(init_memory_params(config, prep.schema, seed=train_config.seed))
     memory_dir = None if checkpoint_dir is None else checkpoint_dir / "memory"
+    sources = prep.sources or (cross_fitted_sources(dataset, train, prep, config, train_config) if cross_fit else [])
 
     def phase_log(name: str) -> Path | None:
         return None if log_path is None else log_path.with_name(f"{log_path.stem}_{name}{log_path.suffix}")
@@ -621,7 +640,7 @@ def train_memory_phases(
         checkpoint_dir=memory_dir,
         progress=progress,
         fingerprint=train.fingerprint(),
-        sources=[(source.sampler, source.item_params) for source in prep.sources],
+        sources=[(source.sampler, source.item_params) for source in sources],
         collective=collective,
         trainable_prefixes=(MEMORY_PREFIX,),
     ).run(log_path=phase_log("memory"))

@@ -192,3 +192,89 @@ def test_inspection_lists_every_slot_and_attribute_value(float64):
     codes = set(batch.user_features[:, 0].tolist())
     attribute_rows = [line for line in report.splitlines() if line.startswith("| group |")]
     assert len(attribute_rows) == len(codes - {0})  # one row per value present (padding is no value)
+
+
+@pytest.mark.parametrize("user_attributes", [True, False], ids=["with_user_attributes", "without_user_attributes"])
+def test_exported_graph_computes_what_training_computes(tmp_path, user_attributes):
+    """The memory is traced into the adapt-then-score graph with the rest: onnxruntime and
+    the torch.export program agree with training's inner loop to 1e-4 (export's own check,
+    on its ragged shapes, one user with no interactions among them)."""
+    from training import export as E
+    from training.dataset import LabelSpec
+    from training.features import FeatureSchema
+    from training.trainer import AdaptedModel
+    from warmstart.torch_program import load_program
+
+    schema = small_schema()
+    if not user_attributes:
+        schema = FeatureSchema((), schema.item_fields)
+    # 6 factors: a model whose factor count equals the support size of export.trace's example
+    # batch (4) does not export, with or without the memory (its shapes are duck-typed).
+    served_config = M.ModelConfig(factors=6, engagement_factors=3)
+    config = replace(served_config, memory_slots=3)
+    inner = learner_config("warmstart", 1)  # one unrolled step keeps the graph, and the export, small
+    with torch.no_grad():
+        params = with_memory(model_params(served_config, inner, schema), config, schema, values_scale=0.3)
+    params = {k: v.float() for k, v in params.items()}
+    adapted = AdaptedModel(config, inner, schema, LabelSpec("rating", 1.0, 5.0), params)
+    batch = E.random_batch(schema, E.CheckShape(5, 6, 4, ragged=True), np.random.default_rng(0), adapted.label)
+    served = AdaptedModel(served_config, inner, schema, adapted.label, params)
+    with torch.no_grad():
+        assert not torch.allclose(adapted.forward(batch)[0], served.forward(batch)[0])  # the memory is read
+    fused = E.trace(adapted)
+    example = E.random_batch(schema, E.CheckShape(2, 3, 4, ragged=True), np.random.default_rng(1), adapted.label)
+    program = torch.export.export(fused, tuple(example), dynamic_shapes=E._dynamic_shapes())
+    assert not E.device_pinned_nodes(program)
+    E.save_program(program, tmp_path / E.TORCH_PROGRAM_FILE)
+    with E._quiet_exporters():
+        E._onnx_export(program, E.output_names(adapted)).save(str(tmp_path / "model.onnx"))
+    checks = E.verify(adapted, tmp_path / "model.onnx", load_program(tmp_path / E.TORCH_PROGRAM_FILE))
+    assert len(checks) == len(E.CHECK_SHAPES)
+    for check in checks:
+        assert check.max_abs_diff_onnx <= 1e-4 and check.max_abs_diff_torch_export <= 1e-4, check
+
+
+def test_memory_learner_trains_only_the_memory_on_top_of_the_served_model():
+    """The memory phases start from the served model's meta-trained parameters, leave every
+    one of them as it is, and their first validation is the served model's."""
+    from training.harness import fit_context
+    from training.initialisation import meta_train, train_memory_phases
+    from training.splits import Protocol, make_splits
+    from training.synthetic import generate_synthetic
+    from training.trainer import TrainConfig
+
+    dataset = generate_synthetic(seed=3, n_users=160, n_items=100)
+    context = fit_context(dataset, make_splits(dataset, Protocol(folds=4))[0], (1, 5, None))
+    train_config = TrainConfig(meta_steps=20, eval_every=10, meta_batch_size=16, validation_support_sizes=(1, 5, None))
+    served_config = M.served_config(factors=8, engagement_factors=4)
+    inner = learner_config("memory")
+    served = meta_train(dataset, context.train, context.valid_tasks, served_config, inner, train_config, support_sizes=(1, 5, None))
+    config = replace(served_config, memory_slots=3)
+    model, result, _ = train_memory_phases(dataset, context.train, context.valid_tasks, config, inner, train_config, served)
+    assert model.model_config.memory_slots == 3 and model.model_config.engagement_factors == 4
+    served_params = served[0].params
+    for name, value in model.params.items():
+        if not memory.is_memory_parameter(name):
+            assert torch.equal(value, served_params[name]), name
+    assert {memory.KEYS, memory.START_VALUES, memory.STEP_VALUES, memory.ENGAGEMENT_VALUES} <= set(model.params)
+    phases = [(h["phase"], h["step"]) for h in result.history if h.get("phase", "").startswith("memory")]
+    assert phases == [("memory", 0), ("memory", 10), ("memory", 20), ("memory_engagement", 0), ("memory_engagement", 10), ("memory_engagement", 20)]
+    first = next(h for h in result.history if h.get("phase") == "memory")
+    assert first["valid_loss"] == pytest.approx(served[1].best_validation_loss, abs=2e-6)  # the zero read is the served model
+    assert result.best_validation_loss <= served[1].best_validation_loss + 1e-6
+    assert result.memory_wall_time_s > 0 and result.wall_time_s > served[1].wall_time_s
+
+
+def test_evaluation_trains_the_served_model_once_for_warmstart_and_memory():
+    from training.methods import Memory, MetaLearned, make_methods
+    from training.topn import make_topn_methods
+    from training.trainer import TrainConfig
+
+    for methods in (make_methods(["warmstart", "memory"], TrainConfig()), make_topn_methods(["warmstart", "memory"], TrainConfig())):
+        warmstart, memorised = methods
+        assert isinstance(memorised, Memory) and memorised.model_config.memory_slots > 0
+        assert warmstart.served is memorised.served is not None
+        assert replace(memorised.model_config, memory_slots=0) == warmstart.model_config
+    (alone,) = make_methods(["memory"], TrainConfig())
+    assert alone.served == {}  # nothing to share: it trains the served model itself
+    assert isinstance(make_methods(["warmstart"], TrainConfig())[0], MetaLearned)
