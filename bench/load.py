@@ -1,19 +1,23 @@
-"""gRPC load benchmark: Recommend against the same server's empty-RPC ceiling.
+"""gRPC load benchmark: Recommend against the same server's empty-RPC ceiling, by workers.
 
-Starts `python -m service.server` in a subprocess on free ports, then for each number of
-concurrent asyncio clients N (default 1, 8, 32) drives, for T seconds each (in alternating
-one-second slices, so that both see the same background load):
+For each worker count W (--workers N: 1..N; default 1) starts `python -m service.server
+--workers W` in a subprocess on free ports, then for each number of concurrent asyncio
+clients C (default 1, 8, 32) drives, for T seconds each (in alternating one-second slices,
+so that both see the same background load):
 
 - the ceiling: grpc.health.v1 Check, an RPC that does no work;
 - Recommend with 10 interactions and 100 candidates (top_k 10), random catalog items,
   sent as `candidate_ids` (or as Candidate messages with --candidate-messages).
 
-and prints requests/s, p50/p95/p99 latency and the reject rate of each, and the ratio
-Recommend / ceiling. The clients run in this process, so on a small machine client and
-server share the cores, as they do in the numbers the goals were set on.
+and prints requests/s, p50/p95/p99 latency and the reject rate of each, the ratio
+Recommend / ceiling, and, for W > 1, each rate against one worker's measured in the same
+run. Every client has a channel (a TCP connection) of its own: the kernel spreads
+connections, not calls, over the workers. The clients run in this process, so on a small
+machine client and server share the cores, as they do in the numbers the goals were set on.
 
     python bench/load.py --artifact models/tiny/3 --duration-s 10
     python bench/load.py                       # builds the tiny test artifact first (~30 s)
+    python bench/load.py --workers 2           # 1 and 2 workers, one table
     python bench/load.py --server-arg=--max-wait-s=0.002 --server-arg=--max-batch-size=64
 """
 
@@ -45,6 +49,9 @@ LISTENING = re.compile(r"listening on port (\d+) \(metrics on port (\d+)\)")
 INTERACTIONS = 10
 CANDIDATES = 100
 DISTINCT_REQUESTS = 64
+
+
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel
 
 
 @dataclass
@@ -118,18 +125,22 @@ def make_requests(artifact: Path, rng: np.random.Generator, candidate_messages: 
 
 
 async def drive(call, make_request, clients: int, seconds: float, rpc: str) -> Cell:
+    """`clients` closed-loop callers for `seconds`; call is one stub method, or a list of
+    them (caller i uses call[i % len(call)])."""
+    calls = call if isinstance(call, list) else [call]
     latencies: list[float] = []
     counts = {"rejected": 0, "failed": 0}
     stop_at = time.perf_counter() + seconds
 
     async def client(offset: int) -> None:
         k = offset
+        method = calls[offset % len(calls)]
         while time.perf_counter() < stop_at:
             request = make_request(k)
             k += 1
             started = time.perf_counter()
             try:
-                await call(request, timeout=5.0)
+                await method(request, timeout=5.0)
             except grpc.aio.AioRpcError as error:
                 counts["rejected" if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "failed"] += 1
                 continue
@@ -143,45 +154,61 @@ async def drive(call, make_request, clients: int, seconds: float, rpc: str) -> C
 async def run_bench(
     port: int, requests: list[pb.RecommendRequest], client_counts: list[int], seconds: float, warmup_s: float, slice_s: float
 ) -> list[Cell]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        stub = pb_grpc.RecommenderStub(channel)
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) for _ in range(max(client_counts))]
+    try:
+        health = [health_pb2_grpc.HealthStub(c).Check for c in channels]
+        recommend = [pb_grpc.RecommenderStub(c).Recommend for c in channels]
         check = health_pb2.HealthCheckRequest()
         deadline = time.monotonic() + 120
-        while (await health.Check(check, wait_for_ready=True)).status != health_pb2.HealthCheckResponse.SERVING:
+        while (await health[0](check, wait_for_ready=True)).status != health_pb2.HealthCheckResponse.SERVING:
             if time.monotonic() > deadline:
                 raise TimeoutError("the server did not become SERVING within 120 s")
             await asyncio.sleep(0.1)
-        await drive(health.Check, lambda k: check, 8, warmup_s, "warm-up")
-        await drive(stub.Recommend, lambda k: requests[k % len(requests)], 8, warmup_s, "warm-up")
+        await drive(health, lambda k: check, len(channels), warmup_s, "warm-up")
+        await drive(recommend, lambda k: requests[k % len(requests)], len(channels), warmup_s, "warm-up")
         cells = []
         slices = max(1, math.ceil(seconds / slice_s))
         for n in client_counts:
             # Alternating slices: both RPCs see the same background load, which on a shared
             # machine drifts over a run.
-            ceiling, recommend = Cell("Check (ceiling)", n, 0.0, [], 0, 0), Cell("Recommend", n, 0.0, [], 0, 0)
+            ceiling, answered = Cell("Check (ceiling)", n, 0.0, [], 0, 0), Cell("Recommend", n, 0.0, [], 0, 0)
             for _ in range(slices):
-                ceiling.add(await drive(health.Check, lambda k: check, n, seconds / slices, ceiling.rpc))
-                recommend.add(await drive(stub.Recommend, lambda k: requests[k % len(requests)], n, seconds / slices, recommend.rpc))
-            cells += [ceiling, recommend]
+                ceiling.add(await drive(health, lambda k: check, n, seconds / slices, ceiling.rpc))
+                answered.add(await drive(recommend, lambda k: requests[k % len(requests)], n, seconds / slices, answered.rpc))
+            cells += [ceiling, answered]
         return cells
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
-def print_table(cells: list[Cell]) -> None:
-    header = f"{'clients':>7}  {'rpc':<16} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'reject %':>9} {'failed':>6}"
+def print_table(results: dict[int, list[Cell]]) -> None:
+    """One row per (workers, clients, rpc), then the ratios."""
+    header = (
+        f"{'workers':>7} {'clients':>7}  {'rpc':<16} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'reject %':>9} {'failed':>6}"
+    )
     print(header)
     print("-" * len(header))
-    by_clients: dict[int, dict[str, Cell]] = {}
-    for c in cells:
-        by_clients.setdefault(c.clients, {})[c.rpc] = c
-        print(
-            f"{c.clients:>7}  {c.rpc:<16} {c.rps:>8.0f} {c.percentile_ms(50):>8.2f} {c.percentile_ms(95):>8.2f} "
-            f"{c.percentile_ms(99):>8.2f} {100 * c.reject_rate:>9.2f} {c.failed:>6}"
-        )
+    rates: dict[tuple[int, int, str], float] = {}
+    for workers, cells in results.items():
+        for c in cells:
+            rates[(workers, c.clients, c.rpc)] = c.rps
+            print(
+                f"{workers:>7} {c.clients:>7}  {c.rpc:<16} {c.rps:>8.0f} {c.percentile_ms(50):>8.2f} {c.percentile_ms(95):>8.2f} "
+                f"{c.percentile_ms(99):>8.2f} {100 * c.reject_rate:>9.2f} {c.failed:>6}"
+            )
     print()
-    for n, row in by_clients.items():
-        ratio = row["Recommend"].rps / row["Check (ceiling)"].rps
-        print(f"{n:>3} clients: Recommend / ceiling = {100 * ratio:.0f} %")
+    header = f"{'workers':>7} {'clients':>7}  {'Recommend / ceiling':>19} {'Recommend vs 1 worker':>22} {'ceiling vs 1 worker':>20}"
+    print(header)
+    print("-" * len(header))
+    for (workers, clients, rpc), rate in rates.items():
+        if rpc != "Recommend":
+            continue
+        ceiling = rates[(workers, clients, "Check (ceiling)")]
+        base = (rates.get((1, clients, "Recommend")), rates.get((1, clients, "Check (ceiling)")))
+        versus = "" if workers == 1 or base[0] is None else f"{rate / base[0]:.2f}x"
+        versus_ceiling = "" if workers == 1 or base[1] is None else f"{ceiling / base[1]:.2f}x"
+        print(f"{workers:>7} {clients:>7}  {100 * rate / ceiling:>18.0f}% {versus:>22} {versus_ceiling:>20}")
 
 
 def start_server(repository: Path, model_name: str, server_args: list[str]) -> tuple[subprocess.Popen, int]:
@@ -210,8 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server (repeat), e.g. --server-arg=--max-wait-s=0.002")
     parser.add_argument("--candidate-messages", action="store_true", help="send candidates as Candidate messages, not candidate_ids")
+    parser.add_argument(
+        "--workers", default="1", help="N: server worker counts 1..N, one server each (or a comma-separated list); default 1"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    worker_counts = [int(w) for w in args.workers.split(",")] if "," in args.workers else list(range(1, int(args.workers) + 1))
+    if not worker_counts or min(worker_counts) < 1:
+        parser.error(f"--workers: need counts >= 1, got {args.workers!r}")
     with tempfile.TemporaryDirectory(prefix="warmstart-bench-") as tmp:
         if args.artifact is None:
             print("building the tiny artifact ...", file=sys.stderr)
@@ -223,16 +256,21 @@ def main(argv: list[str] | None = None) -> int:
         (repository / artifact.parent.name).mkdir(parents=True)
         (repository / artifact.parent.name / artifact.name).symlink_to(artifact, target_is_directory=True)
         requests = make_requests(artifact, np.random.default_rng(args.seed), args.candidate_messages)
-        process, port = start_server(repository, artifact.parent.name, args.server_arg)
-        try:
-            clients = [int(n) for n in args.clients.split(",")]
-            cells = asyncio.run(run_bench(port, requests, clients, args.duration_s, args.warmup_s, args.slice_s))
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+        clients = [int(n) for n in args.clients.split(",")]
+        results: dict[int, list[Cell]] = {}
+        for workers in worker_counts:
+            process, port = start_server(repository, artifact.parent.name, [f"--workers={workers}", *args.server_arg])
+            try:
+                results[workers] = asyncio.run(run_bench(port, requests, clients, args.duration_s, args.warmup_s, args.slice_s))
+            finally:
+                process.terminate()
+                process.wait(timeout=60)
     form = "Candidate messages" if args.candidate_messages else "candidate_ids"
-    print(f"artifact {artifact}; {args.duration_s:g} s per cell; candidates as {form}; server flags: {' '.join(args.server_arg) or '(defaults)'}")
-    print_table(cells)
+    print(
+        f"artifact {artifact}; {args.duration_s:g} s per cell; candidates as {form}; {os.cpu_count()} cores; "
+        f"server flags: {' '.join(args.server_arg) or '(defaults)'}"
+    )
+    print_table(results)
     return 0
 
 
