@@ -58,6 +58,9 @@ class _FixedOutputs:
         self.name, self.version, self.engine = model.name, model.version, model.engine
         self.calls = 0
 
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
     def run(self, inputs):
         self.calls += 1
         b, q = inputs.query_items.shape[:2]
@@ -112,7 +115,7 @@ def measure(artifact_dir: Path, batch: int, rounds: int):
         query_length = fixed.buckets.query_length(max(u.query_size for u in users))
         support_length = fixed.buckets.support_length(max(u.support_size for u in users))
         padded = time.thread_time()
-        outputs, _ = _execute(fixed, users, support_length, query_length)
+        outputs, _ = _execute(fixed, users, support_length, query_length, metrics)
         batched = time.thread_time()
         for (_, _, future), output in zip(waiting, outputs):
             future.set_result(output)
