@@ -1,23 +1,25 @@
 """gRPC load benchmark: Recommend against the same server's empty-RPC ceiling, by workers.
 
 For each worker count W (--workers N: 1..N; default 1) starts `python -m service.server
---workers W` in a subprocess on free ports, then for each number of concurrent asyncio
-clients C (default 1, 8, 32) drives, for T seconds each (in alternating one-second slices,
-so that both see the same background load):
+--workers W` in a subprocess on free ports (and, with --baseline-tree, one more server from
+another source tree, the baseline), all at once; then for each number of concurrent asyncio
+clients C (default 1, 8, 32) drives, for T seconds each, in alternating one-second slices
+over the servers and RPCs (so that every cell sees the same background load):
 
 - the ceiling: grpc.health.v1 Check, an RPC that does no work;
 - Recommend with 10 interactions and 100 candidates (top_k 10), random catalog items,
   sent as `candidate_ids` (or as Candidate messages with --candidate-messages).
 
 and prints requests/s, p50/p95/p99 latency and the reject rate of each, the ratio
-Recommend / ceiling, and, for W > 1, each rate against one worker's measured in the same
-run. Every client has a channel (a TCP connection) of its own: the kernel spreads
+Recommend / ceiling, and each server's rates against the first one's (the baseline, else
+one worker) measured in the same run. Every client has a channel (a TCP connection) of its own: the kernel spreads
 connections, not calls, over the workers. The clients run in this process, so on a small
 machine client and server share the cores, as they do in the numbers the goals were set on.
 
     python bench/load.py --artifact models/tiny/3 --duration-s 10
     python bench/load.py                       # builds the tiny test artifact first (~30 s)
     python bench/load.py --workers 2           # 1 and 2 workers, one table
+    python bench/load.py --baseline-tree /tmp/before   # against an export of an earlier commit
     python bench/load.py --server-arg=--max-wait-s=0.002 --server-arg=--max-batch-size=64
 """
 
@@ -151,74 +153,109 @@ async def drive(call, make_request, clients: int, seconds: float, rpc: str) -> C
     return Cell(rpc, clients, time.perf_counter() - started, latencies, counts["rejected"], counts["failed"])
 
 
-async def run_bench(
-    port: int, requests: list[pb.RecommendRequest], client_counts: list[int], seconds: float, warmup_s: float, slice_s: float
-) -> list[Cell]:
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) for _ in range(max(client_counts))]
-    try:
-        health = [health_pb2_grpc.HealthStub(c).Check for c in channels]
-        recommend = [pb_grpc.RecommenderStub(c).Recommend for c in channels]
-        check = health_pb2.HealthCheckRequest()
-        deadline = time.monotonic() + 120
-        while (await health[0](check, wait_for_ready=True)).status != health_pb2.HealthCheckResponse.SERVING:
+class Target:
+    """One server under test: its label, port and a channel (connection) per client."""
+
+    def __init__(self, label: str, port: int, clients: int) -> None:
+        self.label = label
+        self.channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) for _ in range(clients)]
+        self.health = [health_pb2_grpc.HealthStub(c).Check for c in self.channels]
+        self.recommend = [pb_grpc.RecommenderStub(c).Recommend for c in self.channels]
+
+    async def wait_until_serving(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (await self.health[0](CHECK, wait_for_ready=True)).status != health_pb2.HealthCheckResponse.SERVING:
             if time.monotonic() > deadline:
-                raise TimeoutError("the server did not become SERVING within 120 s")
+                raise TimeoutError(f"{self.label} did not become SERVING within {timeout_s} s")
             await asyncio.sleep(0.1)
-        await drive(health, lambda k: check, len(channels), warmup_s, "warm-up")
-        await drive(recommend, lambda k: requests[k % len(requests)], len(channels), warmup_s, "warm-up")
-        cells = []
-        slices = max(1, math.ceil(seconds / slice_s))
-        for n in client_counts:
-            # Alternating slices: both RPCs see the same background load, which on a shared
-            # machine drifts over a run.
-            ceiling, answered = Cell("Check (ceiling)", n, 0.0, [], 0, 0), Cell("Recommend", n, 0.0, [], 0, 0)
-            for _ in range(slices):
-                ceiling.add(await drive(health, lambda k: check, n, seconds / slices, ceiling.rpc))
-                answered.add(await drive(recommend, lambda k: requests[k % len(requests)], n, seconds / slices, answered.rpc))
-            cells += [ceiling, answered]
-        return cells
-    finally:
-        for channel in channels:
+
+    async def close(self) -> None:
+        for channel in self.channels:
             await channel.close()
 
 
-def print_table(results: dict[int, list[Cell]]) -> None:
-    """One row per (workers, clients, rpc), then the ratios."""
+CHECK = health_pb2.HealthCheckRequest()
+
+
+async def run_bench(
+    servers: dict[str, int], requests: list[pb.RecommendRequest], client_counts: list[int], seconds: float, warmup_s: float, slice_s: float
+) -> dict[str, list[Cell]]:
+    """Every server (label -> port) at every client count, in alternating slices: each
+    slice runs the ceiling then Recommend on one server, then the next server, so that all
+    cells see the same background load (a shared machine's drifts a lot over a run)."""
+    targets = [Target(label, port, max(client_counts)) for label, port in servers.items()]
+    try:
+        for target in targets:
+            await target.wait_until_serving()
+            await drive(target.health, lambda k: CHECK, len(target.channels), warmup_s, "warm-up")
+            await drive(target.recommend, lambda k: requests[k % len(requests)], len(target.channels), warmup_s, "warm-up")
+        cells: dict[str, list[Cell]] = {t.label: [] for t in targets}
+        slices = max(1, math.ceil(seconds / slice_s))
+        for n in client_counts:
+            pairs = {t.label: (Cell("Check (ceiling)", n, 0.0, [], 0, 0), Cell("Recommend", n, 0.0, [], 0, 0)) for t in targets}
+            for _ in range(slices):
+                for target in targets:
+                    ceiling, answered = pairs[target.label]
+                    ceiling.add(await drive(target.health, lambda k: CHECK, n, seconds / slices, ceiling.rpc))
+                    answered.add(await drive(target.recommend, lambda k: requests[k % len(requests)], n, seconds / slices, answered.rpc))
+            for label, pair in pairs.items():
+                cells[label] += list(pair)
+        return cells
+    finally:
+        for target in targets:
+            await target.close()
+
+
+def print_table(results: dict[str, list[Cell]], baseline: str | None) -> None:
+    """One row per (server, clients, rpc), then the ratios: Recommend / ceiling, each rate
+    against one worker's ("1 worker"), Recommend against the baseline server's."""
+    width = max(len(label) for label in results)
     header = (
-        f"{'workers':>7} {'clients':>7}  {'rpc':<16} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'reject %':>9} {'failed':>6}"
+        f"{'server':<{width}} {'clients':>7}  {'rpc':<16} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'reject %':>9} {'failed':>6}"
     )
     print(header)
     print("-" * len(header))
-    rates: dict[tuple[int, int, str], float] = {}
-    for workers, cells in results.items():
+    rates: dict[tuple[str, int, str], float] = {}
+    for label, cells in results.items():
         for c in cells:
-            rates[(workers, c.clients, c.rpc)] = c.rps
+            rates[(label, c.clients, c.rpc)] = c.rps
             print(
-                f"{workers:>7} {c.clients:>7}  {c.rpc:<16} {c.rps:>8.0f} {c.percentile_ms(50):>8.2f} {c.percentile_ms(95):>8.2f} "
+                f"{label:<{width}} {c.clients:>7}  {c.rpc:<16} {c.rps:>8.0f} {c.percentile_ms(50):>8.2f} {c.percentile_ms(95):>8.2f} "
                 f"{c.percentile_ms(99):>8.2f} {100 * c.reject_rate:>9.2f} {c.failed:>6}"
             )
     print()
-    header = f"{'workers':>7} {'clients':>7}  {'Recommend / ceiling':>19} {'Recommend vs 1 worker':>22} {'ceiling vs 1 worker':>20}"
+    one = "1 worker"
+
+    def versus(label: str, reference: str | None, clients: int, rpc: str) -> str:
+        base = rates.get((reference, clients, rpc)) if reference else None
+        return "" if label in (reference, baseline) or not base else f"{rates[(label, clients, rpc)] / base:.2f}x"
+
+    header = (
+        f"{'server':<{width}} {'clients':>7}  {'Recommend / ceiling':>19} {'Recommend vs 1 worker':>22} "
+        f"{'ceiling vs 1 worker':>20} {'Recommend vs baseline':>22}"
+    )
     print(header)
     print("-" * len(header))
-    for (workers, clients, rpc), rate in rates.items():
+    for (label, clients, rpc), rate in rates.items():
         if rpc != "Recommend":
             continue
-        ceiling = rates[(workers, clients, "Check (ceiling)")]
-        base = (rates.get((1, clients, "Recommend")), rates.get((1, clients, "Check (ceiling)")))
-        versus = "" if workers == 1 or base[0] is None else f"{rate / base[0]:.2f}x"
-        versus_ceiling = "" if workers == 1 or base[1] is None else f"{ceiling / base[1]:.2f}x"
-        print(f"{workers:>7} {clients:>7}  {100 * rate / ceiling:>18.0f}% {versus:>22} {versus_ceiling:>20}")
+        ceiling = rates[(label, clients, "Check (ceiling)")]
+        print(
+            f"{label:<{width}} {clients:>7}  {100 * rate / ceiling:>18.0f}% {versus(label, one, clients, 'Recommend'):>22} "
+            f"{versus(label, one, clients, 'Check (ceiling)'):>20} {versus(label, baseline, clients, 'Recommend'):>22}"
+        )
 
 
-def start_server(repository: Path, model_name: str, server_args: list[str]) -> tuple[subprocess.Popen, int]:
+def start_server(repository: Path, model_name: str, server_args: list[str], root: Path = ROOT) -> tuple[subprocess.Popen, int]:
+    """`python -m service.server` of the source tree `root` on free ports; returns it and its port."""
     command = [
         sys.executable, "-m", "service.server",
         "--model-repository", str(repository), "--model-name", model_name,
         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--poll-interval-s", "0", "--log-level", "WARNING",
         *server_args,
     ]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path})
     assert process.stdout is not None
     line = process.stdout.readline()
     match = LISTENING.search(line)
@@ -240,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", default="1", help="N: server worker counts 1..N, one server each (or a comma-separated list); default 1"
     )
+    parser.add_argument(
+        "--baseline-tree", type=Path,
+        help="another source tree of the service (e.g. an export of an earlier commit): one more server, one worker, from it",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     worker_counts = [int(w) for w in args.workers.split(",")] if "," in args.workers else list(range(1, int(args.workers) + 1))
@@ -257,20 +298,32 @@ def main(argv: list[str] | None = None) -> int:
         (repository / artifact.parent.name / artifact.name).symlink_to(artifact, target_is_directory=True)
         requests = make_requests(artifact, np.random.default_rng(args.seed), args.candidate_messages)
         clients = [int(n) for n in args.clients.split(",")]
-        results: dict[int, list[Cell]] = {}
-        for workers in worker_counts:
-            process, port = start_server(repository, artifact.parent.name, [f"--workers={workers}", *args.server_arg])
-            try:
-                results[workers] = asyncio.run(run_bench(port, requests, clients, args.duration_s, args.warmup_s, args.slice_s))
-            finally:
+        # Every server runs from the start (an idle one costs next to nothing) and the
+        # cells interleave across them.
+        plan = [(f"{w} worker{'s' if w > 1 else ''}", ROOT, w) for w in worker_counts]
+        if args.baseline_tree is not None:
+            plan.insert(0, ("baseline, 1 worker", args.baseline_tree.resolve(), 1))
+        processes = []
+        try:
+            servers = {}
+            for label, root, workers in plan:
+                process, port = start_server(repository, artifact.parent.name, [f"--workers={workers}", *args.server_arg], root)
+                processes.append(process)
+                servers[label] = port
+            results = asyncio.run(run_bench(servers, requests, clients, args.duration_s, args.warmup_s, args.slice_s))
+        finally:
+            for process in processes:
                 process.terminate()
+            for process in processes:
                 process.wait(timeout=60)
     form = "Candidate messages" if args.candidate_messages else "candidate_ids"
     print(
         f"artifact {artifact}; {args.duration_s:g} s per cell; candidates as {form}; {os.cpu_count()} cores; "
         f"server flags: {' '.join(args.server_arg) or '(defaults)'}"
     )
-    print_table(results)
+    if args.baseline_tree is not None:
+        print(f"baseline: the server of {args.baseline_tree.resolve()}")
+    print_table(results, plan[0][0] if args.baseline_tree is not None else None)
     return 0
 
 
