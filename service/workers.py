@@ -266,15 +266,29 @@ class _Supervisor:
 def _worker_main(config: ServiceConfig, index: int, conn: Connection, engine_factory: EngineFactory) -> None:
     """A worker process: one server on the shared port, reporting to the supervisor."""
     configure_logging(config, f"worker {index}")
+    # Until the server's own handlers are installed, a forwarded signal must neither kill
+    # this worker (the default of SIGHUP and SIGTERM) nor raise in the middle of loading
+    # (SIGINT): a stop is remembered and carried out once serving; a reload is moot (the
+    # first load takes the newest version).
+    early: list[signal.Signals] = []
+
+    def remember(signum: int, frame: object) -> None:
+        if signum != signal.SIGHUP:
+            early.append(signal.Signals(signum))
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, remember)
     try:
-        code = asyncio.run(_serve_worker(config, index, conn, engine_factory))
+        code = asyncio.run(_serve_worker(config, index, conn, engine_factory, early))
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
         code = 2
     sys.exit(code)
 
 
-async def _serve_worker(config: ServiceConfig, index: int, conn: Connection, engine_factory: EngineFactory) -> int:
+async def _serve_worker(
+    config: ServiceConfig, index: int, conn: Connection, engine_factory: EngineFactory, early: list[signal.Signals]
+) -> int:
     loop = asyncio.get_running_loop()
 
     def send(*message: object) -> None:
@@ -302,6 +316,11 @@ async def _serve_worker(config: ServiceConfig, index: int, conn: Connection, eng
             updates.add(task)
             task.add_done_callback(updates.discard)
 
+    def stop_if_asked_early() -> None:  # runs once run_until_signalled has its handlers
+        if early and not stop.done():
+            stop.set_result(early[0])
+
     loop.add_reader(conn.fileno(), on_message)
     send("bound", server.port)
+    loop.call_soon(stop_if_asked_early)
     return await run_until_signalled(server, stop)
