@@ -230,7 +230,7 @@ class DynamicBatcher:
         arrivals_before = self._arrivals
         try:
             support_length = model.buckets.support_length(max(u.support_size for u in users))
-            outputs, seconds = await self._threads.run(_execute, model, users, support_length, query_length)
+            outputs, seconds = await self._threads.run(_execute, model, users, support_length, query_length, self._metrics)
         except asyncio.CancelledError:
             _fail(batch, lambda: NotReady("the server is shutting down"))
             raise
@@ -307,8 +307,11 @@ def _fail(batch: Sequence[_Pending], error: Callable[[], Exception]) -> None:
             pending.future.set_exception(error())
 
 
-def _execute(model: Servable, users: list[UserInputs], support_length: int, query_length: int) -> tuple[list[UserOutputs], float]:
-    """Pads, runs and splits one batch (on an engine thread); returns outputs and seconds."""
+def _execute(
+    model: Servable, users: list[UserInputs], support_length: int, query_length: int, metrics: Metrics | None = None
+) -> tuple[list[UserOutputs], float]:
+    """Pads, runs and splits one batch (on an engine thread); returns outputs and seconds.
+    Records each user's support losses here, off the event loop (users with interactions)."""
     started = time.perf_counter()
     outputs = model.run(pad_batch(users, support_length, query_length))
     b = len(users)
@@ -316,4 +319,10 @@ def _execute(model: Servable, users: list[UserInputs], support_length: int, quer
         raise RuntimeError(
             f"engine returned shapes {[o.shape for o in outputs]} for a batch of {b} users with {query_length} query items"
         )
-    return split_batch(outputs, users), time.perf_counter() - started
+    split = split_batch(outputs, users)
+    seconds = time.perf_counter() - started
+    if metrics is not None:
+        for user, output in zip(users, split):
+            if user.support_size:
+                metrics.support_loss(output.support_loss_before, output.support_loss_after)
+    return split, seconds

@@ -75,6 +75,13 @@ class ServiceConfig:
         "S",
     )
     grace_period_s: float = _option(10.0, "after the drain delay, seconds in-flight requests get to finish", float, "S")
+    # Processes.
+    workers: int = _option(
+        1,
+        "server processes sharing the gRPC port (SO_REUSEPORT), each with its own batcher and engine; 0 = one per available core",
+        int,
+        "N",
+    )
     # Engine.
     engine: str = _option("onnxruntime", f"engine: {' | '.join(ENGINE_KINDS)}", str, "KIND")
     device: str = _option("auto", f"device: {' | '.join(DEVICES)} (auto = a GPU when one is usable)", str, "DEVICE")
@@ -139,7 +146,7 @@ class ServiceConfig:
             fail("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.precision not in PRECISIONS:
             fail("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("ort_intra_op_threads", "ort_inter_op_threads", "torch_threads"):
+        for name in ("ort_intra_op_threads", "ort_inter_op_threads", "torch_threads", "workers"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         for name in (
@@ -237,6 +244,8 @@ def unknown_environment(environ: Mapping[str, str]) -> list[str]:
     return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() not in names)
 
 
-def configure_logging(config: ServiceConfig) -> None:
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(config: ServiceConfig, process: str = "") -> None:
+    """Log lines to stderr; `process` (e.g. "worker 1") tags each line when several processes share it."""
+    tag = f"[{process}] " if process else ""
+    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
 

@@ -48,12 +48,6 @@ class RequestLimits:
             raise ValueError("max_interactions and max_candidates must be >= 1")
 
 
-@dataclass(frozen=True)
-class _Encoded:
-    user: UserInputs
-    unknown: tuple[UnknownItem, ...]
-
-
 class RecommenderCore:
     """Recommend, Score and GetModel on domain objects."""
 
@@ -81,16 +75,16 @@ class RecommenderCore:
         violations: list[FieldViolation] = []
         if query.top_k < 0:
             violations.append(FieldViolation("top_k", f"must be >= 0 (0 = all), got {query.top_k}"))
-        if query.rank_by == "engagement" and not model.artifact.has_engagement:
+        if query.rank_by == "engagement" and not model.has_engagement:
             violations.append(FieldViolation("rank_by", "this model has no engagement head; rank by predicted rating"))
         rank_catalog = not query.candidates
         if rank_catalog and model.artifact.catalog.size == 0:
             violations.append(FieldViolation("candidates", "empty, and the model has no catalog to rank"))
-        encoded = self._encode(model, query.user, None if rank_catalog else query.candidates, violations)
-        output = await self._adapt(model, query.user, encoded)
+        inputs, unknown = self._encode(model, query.user, None if rank_catalog else query.candidates, violations)
+        output = await self._adapt(model, query.user, inputs)
         catalog = model.artifact.catalog
         ids: Sequence[str] = catalog.item_ids if rank_catalog else query.candidates.ids
-        excluded = set(query.exclude_item_ids)
+        excluded = set(query.exclude_item_ids) if query.exclude_item_ids else set()
         if query.exclude_interacted:
             excluded.update(query.user.interactions.items.ids)
         if not excluded:
@@ -110,7 +104,7 @@ class RecommenderCore:
             model_version=model.version,
             item_ids=[ids[i] for i in order.tolist()],
             scores=output.query_scores[order],
-            adaptation=self._summary(model, query.user, encoded, output),
+            adaptation=self._summary(model, inputs, unknown, output),
             engagement=None if engagement is None else engagement[order],
         )
 
@@ -118,15 +112,15 @@ class RecommenderCore:
         """One score per item, in request order."""
         model = self._model()
         violations = [] if query.items else [FieldViolation(query.items.field, "must not be empty")]
-        encoded = self._encode(model, query.user, query.items, violations)
-        output = await self._adapt(model, query.user, encoded)
+        inputs, unknown = self._encode(model, query.user, query.items, violations)
+        output = await self._adapt(model, query.user, inputs)
         return ScoredItems(
             request_id=query.user.request_id,
             model_name=model.name,
             model_version=model.version,
             item_ids=query.items.ids,
             scores=output.query_scores,
-            adaptation=self._summary(model, query.user, encoded, output),
+            adaptation=self._summary(model, inputs, unknown, output),
             engagement=output.query_engagement,
         )
 
@@ -159,7 +153,7 @@ class RecommenderCore:
             max_interactions=self._limits.max_interactions,
             max_candidates=self._limits.max_candidates,
             max_batch_size=self._limits.max_batch_size,
-            has_engagement=artifact.has_engagement,
+            has_engagement=model.has_engagement,
         )
 
     # -- encoding -------------------------------------------------------------------
@@ -170,9 +164,10 @@ class RecommenderCore:
         user: UserContext,
         items: ItemList | None,
         violations: list[FieldViolation],
-    ) -> _Encoded:
-        """Validates and encodes one request; raises InvalidArgument naming every bad field
-        (those found by the caller, passed in `violations`, included)."""
+    ) -> tuple[UserInputs, tuple[UnknownItem, ...]]:
+        """Validates and encodes one request into the engine's inputs for this user, with
+        the items encoded from inline attributes; raises InvalidArgument naming every bad
+        field (those found by the caller, passed in `violations`, included)."""
         limits = self._limits
         interactions = user.interactions
         oversized = []
@@ -193,10 +188,11 @@ class RecommenderCore:
             user_row = np.zeros(encoder.user_width, dtype=np.int64)
 
         timestamps = interactions.timestamps
-        if len(interactions) and all(t != 0 for t in timestamps):
+        positions: Sequence[int]
+        if len(interactions) and all(timestamps):
             positions = sorted(range(len(interactions)), key=timestamps.__getitem__)  # stable: ties keep request order
         else:
-            positions = list(range(len(interactions)))
+            positions = range(len(interactions))
         violations.extend(_label_violations(model, interactions.labels))
         unknown: list[UnknownItem] = []
         support_items = self._item_codes(model, interactions.items, positions, "interaction", unknown, violations)
@@ -208,8 +204,10 @@ class RecommenderCore:
             query_items = self._item_codes(model, items, range(len(items)), "candidate", unknown, violations)
         if violations:
             raise InvalidArgument(violations)
-        support_labels = np.array([interactions.labels[k] for k in positions], dtype=np.float32)  # in range: checked
-        return _Encoded(UserInputs(user_row, support_items, support_labels, query_items), tuple(unknown))
+        labels = interactions.labels
+        ordered_labels = labels if isinstance(positions, range) else [labels[k] for k in positions]
+        support_labels = np.array(ordered_labels, dtype=np.float32)  # in range: checked
+        return UserInputs(user_row, support_items, support_labels, query_items), tuple(unknown)
 
     def _item_codes(
         self,
@@ -227,9 +225,9 @@ class RecommenderCore:
         ids = items.ids
         ordered = ids if isinstance(positions, range) else [ids[k] for k in positions]
         rows = np.fromiter(map(catalog.row_of.get, ordered, repeat(-1)), dtype=np.int64, count=len(ordered))
-        found = rows >= 0
-        if found.all():  # the common case: every item is in the catalog
+        if not len(rows) or rows.min() >= 0:  # the common case: every item is in the catalog
             return catalog.codes.take(rows, axis=0)
+        found = rows >= 0
         codes = np.zeros((len(positions), encoder.item_width), dtype=np.int64)
         codes[found] = catalog.codes.take(rows[found], axis=0)
         for i in np.flatnonzero(~found).tolist():
@@ -253,12 +251,12 @@ class RecommenderCore:
 
     # -- running and summarising ----------------------------------------------------
 
-    async def _adapt(self, model: LoadedModel, user: UserContext, encoded: _Encoded) -> UserOutputs:
-        output = await self._batcher.submit(model, encoded.user, user.deadline_s)
-        if encoded.user.support_size:
-            self._metrics.support_loss(output.support_loss_before, output.support_loss_after)
+    async def _adapt(self, model: LoadedModel, user: UserContext, inputs: UserInputs) -> UserOutputs:
+        # The batch records the support losses (on its engine thread) and says whether all
+        # of its scores are finite: a per-user check only when some are not.
+        output = await self._batcher.submit(model, inputs, user.deadline_s)
         scores = output.query_scores
-        if not np.isfinite(scores).all():
+        if not output.finite and not np.isfinite(scores).all():
             # A graph's clamp passes NaN through: never answer one. The label floor ranks
             # such items last; the counter makes the fault visible.
             bad = ~np.isfinite(scores)
@@ -268,21 +266,29 @@ class RecommenderCore:
         return output
 
     @staticmethod
-    def _summary(model: LoadedModel, user: UserContext, encoded: _Encoded, output: UserOutputs) -> AdaptationSummary:
-        n = encoded.user.support_size
-        adapted = n > 0 and model.artifact.inner_steps > 0
+    def _summary(model: LoadedModel, inputs: UserInputs, unknown: tuple[UnknownItem, ...], output: UserOutputs) -> AdaptationSummary:
+        n = inputs.support_size
+        inner_steps = model.inner_steps
+        adapted = n > 0 and inner_steps > 0
         return AdaptationSummary(
             support_size=n,
             adapted=adapted,
-            inner_steps=model.artifact.inner_steps if adapted else 0,
+            inner_steps=inner_steps if adapted else 0,
             support_loss_before=output.support_loss_before if n else 0.0,
             support_loss_after=output.support_loss_after if n else 0.0,
-            unknown_items=encoded.unknown,
+            unknown_items=unknown,
         )
 
 
 def _label_violations(model: LoadedModel, labels: Sequence[float]) -> list[FieldViolation]:
     label = model.artifact.label
+    low, high = label.min_value, label.max_value
+    # A request's few labels: plain comparisons beat building arrays (NaN fails them all).
+    if label.kind == "click":
+        if all((v == 0.0 or v == 1.0) and low <= v <= high for v in labels):
+            return []
+    elif all(low <= v <= high for v in labels):
+        return []
     values = np.asarray(labels, dtype=np.float64)
     valid = np.isfinite(values) & (values >= label.min_value) & (values <= label.max_value)
     if label.kind == "click":

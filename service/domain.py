@@ -3,6 +3,10 @@
 The servicer converts protobuf messages to these and back; everything else works on
 them. Item attributes are the text the caller sent (field name -> value, several values
 joined by the schema's separator); the encoder parses them.
+
+The types built for every request are plain slotted dataclasses, not frozen ones: a frozen
+dataclass costs about three times as much to build (each field set through
+object.__setattr__), and a request builds several. Nothing changes them once built.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ def _no_attributes(index: int) -> Mapping[str, str]:
     return NO_ATTRIBUTES
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ItemList:
     """Item ids in request order, and the inline attributes of item `i` on demand.
 
@@ -54,7 +58,7 @@ class ItemList:
         return ItemList(ids, lambda i: attributes.get(ids[i], NO_ATTRIBUTES), field)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Interactions:
     """What the user did: items, their labels, and timestamps (0 = not given)."""
 
@@ -70,7 +74,7 @@ class Interactions:
         return len(self.labels)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class UserContext:
     """Who is asking: attributes, interactions, and when the caller stops waiting."""
 
@@ -80,7 +84,7 @@ class UserContext:
     deadline_s: float | None = None  # time.monotonic() value; None = no deadline
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RecommendQuery:
     user: UserContext
     candidates: ItemList = field(default_factory=lambda: ItemList(field="candidates"))  # empty = the whole catalog
@@ -92,20 +96,20 @@ class RecommendQuery:
     rank_by: Literal["auto", "engagement", "rating"] = "auto"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScoreQuery:
     user: UserContext
     items: ItemList = field(default_factory=ItemList)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UnknownItem:
     item_id: str
     role: ItemRole
     handling: UnknownItemHandling = "encoded_from_attributes"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AdaptationSummary:
     support_size: int
     adapted: bool
@@ -116,7 +120,7 @@ class AdaptationSummary:
     interactions_truncated: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScoredItems:
     """The answer to Recommend (best first) or Score (request order)."""
 

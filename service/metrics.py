@@ -1,5 +1,14 @@
 """Prometheus metrics of one server, in a registry of its own, served on their own port.
 
+With several worker processes (`--workers`) every worker records into prometheus-client's
+multiprocess files (PROMETHEUS_MULTIPROC_DIR, set by the supervisor before the worker
+starts) and the supervisor serves one /metrics over all of them (`serve_metrics` with
+`multiprocess_dir`): counters and histograms are summed over workers; each gauge says how
+it combines (queue depth and capacity, GPU memory: summed over live workers; ready: the
+minimum, so 1 only when every worker is ready). The model info is not a file value (a
+version a worker no longer serves must vanish, which a file value cannot): workers report
+what they serve to the supervisor, whose collector exposes it.
+
 `METRIC_NAMES` is the list ops dashboards and alerts are checked against: every name
 here is what /metrics exposes (counters with their `_total`). Labels never carry a user
 or item id: only RPC names, status codes, reasons, outcomes and the model's name/version.
@@ -10,9 +19,12 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 QUEUE_WAIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -39,18 +51,28 @@ METRIC_NAMES = (
 )
 
 
-class Metrics:
-    """All of one server's metrics; methods are what the service code records."""
+MODEL_INFO_LABELS = ("name", "version", "engine")
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+
+class Metrics:
+    """All of one server's metrics; methods are what the service code records.
+
+    multiprocess: this is one of several workers (see the module docstring): GPU memory
+    is then recorded by `refresh_gpu_memory` (a callback gauge is not a file value)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, multiprocess: bool = False) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = multiprocess
+        self._gpu_memory_source: Callable[[], dict[str, int]] | None = None
         r = self.registry
         self._requests = Counter("warmstart_requests_total", "RPCs by method and status code", ["rpc", "code"], registry=r)
         self._latency = Histogram(
             "warmstart_request_duration_seconds", "RPC latency in the server", ["rpc"], buckets=LATENCY_BUCKETS_S, registry=r
         )
-        self.queue_depth = Gauge("warmstart_queue_depth", "Requests waiting to be batched", registry=r)
-        self.queue_capacity = Gauge("warmstart_queue_capacity", "Most requests that may wait (--queue-size)", registry=r)
+        self.queue_depth = Gauge("warmstart_queue_depth", "Requests waiting to be batched", registry=r, multiprocess_mode="livesum")
+        self.queue_capacity = Gauge(
+            "warmstart_queue_capacity", "Most requests that may wait (--queue-size, times the workers)", registry=r, multiprocess_mode="livesum"
+        )
         self._queue_wait = Histogram(
             "warmstart_queue_wait_seconds", "Time from enqueue to batch", buckets=QUEUE_WAIT_BUCKETS_S, registry=r
         )
@@ -73,8 +95,12 @@ class Metrics:
         self._load_failures = Counter(
             "warmstart_model_load_failures_total", "Model versions refused, by reason", ["reason"], registry=r
         )
-        self._ready = Gauge("warmstart_ready", "1 when a model is loaded and warmed up", registry=r)
-        self._gpu_memory = Gauge("warmstart_gpu_memory_bytes", "GPU memory held by the engine", ["kind"], registry=r)
+        self._ready = Gauge(
+            "warmstart_ready", "1 when a model is loaded and warmed up (in every worker)", registry=r, multiprocess_mode="livemin"
+        )
+        self._gpu_memory = Gauge(
+            "warmstart_gpu_memory_bytes", "GPU memory held by the engine (of every worker)", ["kind"], registry=r, multiprocess_mode="livesum"
+        )
         self._request_children: dict[tuple[str, str], Callable[[], None]] = {}
         self._latency_children: dict[str, Histogram] = {}
 
@@ -109,9 +135,24 @@ class Metrics:
     def model_loaded(self, name: str, version: str, engine: str, gpu_memory: Callable[[], dict[str, int]]) -> None:
         self._model.info({"name": name, "version": version, "engine": engine})
         self._reloads.labels(outcome="success").inc()
-        if gpu_memory():
+        if not gpu_memory():
+            return
+        if self.multiprocess:
+            self._gpu_memory_source = gpu_memory
+            self.refresh_gpu_memory()
+        else:
             for kind in ("allocated", "reserved"):
                 self._gpu_memory.labels(kind=kind).set_function(lambda kind=kind: gpu_memory().get(kind, 0))
+
+    def refresh_gpu_memory(self) -> bool:
+        """Records the engine's GPU memory now (multiprocess workers, periodically);
+        False when there is nothing to record (no model on a GPU)."""
+        if self._gpu_memory_source is None:
+            return False
+        memory = self._gpu_memory_source()
+        for kind in ("allocated", "reserved"):
+            self._gpu_memory.labels(kind=kind).set(memory.get(kind, 0))
+        return True
 
     def model_refused(self, reason: str) -> None:
         self._reloads.labels(outcome="failure").inc()
@@ -135,7 +176,33 @@ class MetricsEndpoint:
         self._thread.join(timeout=5)
 
 
+class ModelInfoCollector(Collector):
+    """warmstart_model_info over workers: one series per (name, version, engine) that some
+    worker serves now, from what the workers report (`served` maps a worker to its labels)."""
+
+    def __init__(self, served: Callable[[], Iterable[Mapping[str, str]]]) -> None:
+        self._served = served
+
+    def collect(self):
+        family = GaugeMetricFamily("warmstart_model_info", "The model being served", labels=MODEL_INFO_LABELS)
+        for labels in sorted({tuple(labels[k] for k in MODEL_INFO_LABELS) for labels in self._served()}):
+            family.add_metric(list(labels), 1.0)
+        yield family
+
+
 def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsEndpoint:
-    """Starts the /metrics HTTP server (port 0 = a free port; see .port)."""
+    """Starts the /metrics HTTP server of one process (port 0 = a free port; see .port)."""
     server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return MetricsEndpoint(server.server_port, server, thread)
+
+
+def serve_multiprocess_metrics(
+    multiprocess_dir: str, served_models: Callable[[], Iterable[Mapping[str, str]]], host: str, port: int
+) -> MetricsEndpoint:
+    """Starts the supervisor's /metrics: every worker's files in multiprocess_dir, summed
+    or combined as each metric says, and the model info the workers report."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=multiprocess_dir)
+    registry.register(ModelInfoCollector(served_models))
+    server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsEndpoint(server.server_port, server, thread)

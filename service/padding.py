@@ -32,9 +32,9 @@ class EngineOutputs(NamedTuple):
     query_engagement: np.ndarray | None = None  # (B, Q) float32, models with an engagement head
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UserInputs:
-    """One user's encoded request, unpadded."""
+    """One user's encoded request, unpadded (built per request: slotted, not frozen)."""
 
     user_features: np.ndarray  # (user_width,)
     support_items: np.ndarray  # (n, item_width), n >= 0
@@ -50,12 +50,13 @@ class UserInputs:
         return len(self.query_items)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UserOutputs:
     query_scores: np.ndarray  # (q,) float32
     support_loss_before: float
     support_loss_after: float
     query_engagement: np.ndarray | None = None  # (q,) float32, models with an engagement head
+    finite: bool = False  # True: every query score is known to be finite (False: not checked, or not)
 
 
 def powers_of_two(smallest: int, largest: int) -> tuple[int, ...]:
@@ -169,16 +170,20 @@ def pad_batch(users: Sequence[UserInputs], support_length: int, query_length: in
 
 
 def split_batch(outputs: EngineOutputs, users: Sequence[UserInputs]) -> list[UserOutputs]:
-    """Each user's unpadded share of a batch's outputs."""
+    """Each user's unpadded share of a batch's outputs (views), each marked finite when the
+    whole batch's scores are: one check per batch instead of one per user."""
     before = outputs.support_loss_before.tolist()
     after = outputs.support_loss_after.tolist()
+    scores = outputs.query_scores
     engagement = outputs.query_engagement
+    finite = bool(np.isfinite(scores).all())
     return [
         UserOutputs(
-            outputs.query_scores[i, : user.query_size],
+            scores[i, : user.query_size],
             before[i],
             after[i],
             None if engagement is None else engagement[i, : user.query_size],
+            finite,
         )
         for i, user in enumerate(users)
     ]

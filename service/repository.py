@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -75,6 +76,15 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return self.artifact.model_version
+
+    # Read on every request: computed once (the artifact derives them from the manifest).
+    @cached_property
+    def has_engagement(self) -> bool:
+        return self.artifact.has_engagement
+
+    @cached_property
+    def inner_steps(self) -> int:
+        return self.artifact.inner_steps
 
     def run(self, inputs: EngineInputs) -> EngineOutputs:
         return self.engine.run(inputs)

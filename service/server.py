@@ -12,6 +12,9 @@ period. SIGINT does the same without the drain delay.
 
 Overload is explicit: at most --max-in-flight Recommend/Score calls are in progress at
 once, and the handler answers any call beyond that RESOURCE_EXHAUSTED at once.
+
+With --workers N > 1, `main` runs the supervisor of service/workers.py instead: N such
+servers in their own processes share the port, and one /metrics covers them all.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -63,15 +66,15 @@ class WarmstartServer:
     _grpc: grpc.aio.Server
     _health: "DrainingHealthServicer"
     _batcher: DynamicBatcher
-    _endpoint: MetricsEndpoint
-    _ready: asyncio.Event
+    _endpoint: MetricsEndpoint | None
+    _readiness: "Readiness"
     _admission: Admission
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _stopped: bool = False
 
     async def wait_until_ready(self, timeout_s: float) -> LoadedModel:
         """Waits until a model is served; raises TimeoutError."""
-        await asyncio.wait_for(self._ready.wait(), timeout_s)
+        await asyncio.wait_for(self._readiness.loaded.wait(), timeout_s)
         model = self.models.current
         assert model is not None
         return model
@@ -84,6 +87,11 @@ class WarmstartServer:
         """Schedules a reload (for signal handlers)."""
         self._spawn(self.reload(), "reload")
 
+    async def set_peers_ready(self, ready: bool) -> None:
+        """Whether the other workers sharing the port are ready: health says SERVING only
+        when this server and all of them are (a balancer's check reaches any one of them)."""
+        await self._readiness.set_peers(ready)
+
     async def stop(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:
         """Drains, then stops: health NOT_SERVING at once; calls are still served for
         drain_delay_s (balancers and clients watching health stop routing here); then new
@@ -94,7 +102,7 @@ class WarmstartServer:
         grace = self.config.grace_period_s if grace_s is None else grace_s
         delay = self.config.drain_delay_s if drain_delay_s is None else drain_delay_s
         log.info("shutting down: NOT_SERVING, serving for %.1f s more, then %.1f s for calls in flight", delay, grace)
-        self.metrics.ready(False)
+        await self._readiness.stopping()
         await self._health.enter_graceful_shutdown()
         for task in list(self._tasks):
             task.cancel()
@@ -112,13 +120,68 @@ class WarmstartServer:
             log.warning("%d calls were still in progress after the %.1f s grace period: cancelled", self._admission.count, grace)
         await self._batcher.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.to_thread(self._endpoint.close)  # waits for the HTTP server's poll loop
+        if self._endpoint is not None:
+            await asyncio.to_thread(self._endpoint.close)  # waits for the HTTP server's poll loop
         log.info("stopped")
 
     def _spawn(self, coroutine, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class Readiness:
+    """What health and warmstart_ready say: SERVING once a model is loaded and warmed up,
+    while the peers (other workers on the port; none for a lone server) are ready too, and
+    until the server stops. `on_change(ready)` hears this server's own readiness."""
+
+    def __init__(
+        self, health: "DrainingHealthServicer", metrics: Metrics, peers_ready: bool, on_change: Callable[[bool], None] | None
+    ) -> None:
+        self.loaded = asyncio.Event()
+        self._health = health
+        self._metrics = metrics
+        self._peers_ready = peers_ready
+        self._on_change = on_change
+        self._stopping = False
+
+    @property
+    def own(self) -> bool:
+        return self.loaded.is_set() and not self._stopping
+
+    async def model_loaded(self) -> None:
+        was = self.own
+        self.loaded.set()
+        await self._publish(was)
+
+    async def set_peers(self, ready: bool) -> None:
+        self._peers_ready = ready
+        await self._publish(self.own)
+
+    async def stopping(self) -> None:
+        was = self.own
+        self._stopping = True
+        await self._publish(was)
+
+    async def _publish(self, was: bool) -> None:
+        own = self.own
+        self._metrics.ready(own)
+        status = health_pb2.HealthCheckResponse.SERVING if own and self._peers_ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        if not self._stopping:  # once stopping, enter_graceful_shutdown owns the status
+            for service in HEALTH_SERVICES:
+                await self._health.set(service, status)
+        if own != was and self._on_change is not None:
+            self._on_change(own)
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """How a server runs as one of several workers sharing a port (service/workers.py)."""
+
+    index: int
+    on_ready_change: Callable[[bool], None]  # this worker's own readiness, for the supervisor
+    on_model: Callable[[dict[str, str]], None]  # the model it now serves (name, version, engine)
+    gpu_memory_refresh_s: float = 5.0
 
 
 class DrainingHealthServicer(health.aio.HealthServicer):
@@ -185,15 +248,20 @@ def _server_credentials(config: ServiceConfig) -> grpc.ServerCredentials:
     )
 
 
-async def create_server(config: ServiceConfig, engine_factory: EngineFactory = create_engine) -> WarmstartServer:
+async def create_server(
+    config: ServiceConfig, engine_factory: EngineFactory = create_engine, worker: WorkerRole | None = None
+) -> WarmstartServer:
     """Builds, binds and starts a server; the model loads in the background (see wait_until_ready).
 
     engine_factory: how an artifact becomes an engine (tests wrap the real one).
+    worker: run as one of several workers: bind the port shared (SO_REUSEPORT), record
+    metrics into the multiprocess files (no /metrics endpoint of its own), and say SERVING
+    only once the supervisor reports every worker ready (`set_peers_ready`).
     """
     assert config.model_repository is not None
     model_dir = Path(config.model_repository) / resolve_model_name(Path(config.model_repository), config.model_name)
     _quiet_answers_to_gone_calls()
-    metrics = Metrics()
+    metrics = Metrics(multiprocess=worker is not None)
     metrics.ready(False)
     batcher = DynamicBatcher(BatcherConfig(config.max_batch_size, config.max_wait_s, config.queue_size, config.batch_workers), metrics)
     settings = ModelSettings(
@@ -216,13 +284,12 @@ async def create_server(config: ServiceConfig, engine_factory: EngineFactory = c
     health_servicer = DrainingHealthServicer()
     for service in HEALTH_SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    ready = asyncio.Event()
+    readiness = Readiness(health_servicer, metrics, peers_ready=worker is None, on_change=worker.on_ready_change if worker else None)
 
     async def on_loaded(model: LoadedModel) -> None:
-        for service in HEALTH_SERVICES:
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        metrics.ready(True)
-        ready.set()
+        if worker is not None:
+            worker.on_model({"name": model.name, "version": model.version, "engine": model.engine.description})
+        await readiness.model_loaded()
 
     models = ModelManager(model_dir, partial(load_model, settings=settings, engine_factory=engine_factory), metrics, on_loaded)
     core = RecommenderCore(
@@ -235,7 +302,8 @@ async def create_server(config: ServiceConfig, engine_factory: EngineFactory = c
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", transport_limit),
-            ("grpc.so_reuseport", 0),
+            # A lone server refuses a port another process listens on; workers share theirs.
+            ("grpc.so_reuseport", 1 if worker is not None else 0),
             # Calls wait in gRPC until the event loop takes them; when a CPU-bound loop falls
             # behind, this queue (1000 by default) held calls until their deadlines passed.
             # Bounded, gRPC refuses calls beyond it at once (randomly from the soft limit,
@@ -259,26 +327,56 @@ async def create_server(config: ServiceConfig, engine_factory: EngineFactory = c
             port = server.add_insecure_port(config.address)
     except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
         raise ConfigError(f"--host / --port: cannot listen on {config.address}: {exc}") from exc
-    try:
-        endpoint = serve_metrics(metrics, config.metrics_host, config.metrics_port)
-    except OSError as exc:
-        raise ConfigError(f"--metrics-host / --metrics-port: cannot listen on {config.metrics_host}:{config.metrics_port}: {exc}") from exc
+    endpoint = None
+    if worker is None:  # workers' metrics are served by their supervisor
+        try:
+            endpoint = serve_metrics(metrics, config.metrics_host, config.metrics_port)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-host / --metrics-port: cannot listen on {config.metrics_host}:{config.metrics_port}: {exc}"
+            ) from exc
     await server.start()
     batcher.start()
-    running = WarmstartServer(config, port, endpoint.port, metrics, models, server, health_servicer, batcher, endpoint, ready, admission)
+    metrics_port = endpoint.port if endpoint is not None else config.metrics_port
+    running = WarmstartServer(
+        config, port, metrics_port, metrics, models, server, health_servicer, batcher, endpoint, readiness, admission
+    )
     running._spawn(models.refresh(), "initial-load")
     if config.poll_interval_s > 0:
         running._spawn(models.poll(config.poll_interval_s), "poll")
+    if worker is not None:
+        running._spawn(_refresh_gpu_memory(metrics, worker.gpu_memory_refresh_s), "gpu-memory")
     return running
+
+
+async def _refresh_gpu_memory(metrics: Metrics, interval_s: float) -> None:
+    """A worker's GPU memory into its metrics files every interval_s (a callback gauge
+    cannot reach the supervisor's /metrics)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        metrics.refresh_gpu_memory()
 
 
 async def serve(config: ServiceConfig, engine_factory: EngineFactory = create_engine) -> int:
     """Runs a server until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
     server = await create_server(config, engine_factory)
     # One line on stdout that tools (and people) can read the bound ports from.
-    print(f"warmstart listening on port {server.port} (metrics on port {server.metrics_port})", flush=True)
+    print(listening_line(server.port, server.metrics_port, 1), flush=True)
+    return await run_until_signalled(server)
+
+
+def listening_line(port: int, metrics_port: int, workers: int) -> str:
+    """The start-up line tools read the bound ports from."""
+    suffix = f" with {workers} workers" if workers > 1 else ""
+    return f"warmstart listening on port {port} (metrics on port {metrics_port}){suffix}"
+
+
+async def run_until_signalled(server: WarmstartServer, stop: "asyncio.Future[signal.Signals] | None" = None) -> int:
+    """Serves until SIGTERM/SIGINT (or `stop` resolves with one of them), then drains;
+    SIGHUP reloads. Returns the exit code."""
     loop = asyncio.get_running_loop()
-    stop: asyncio.Future[signal.Signals] = loop.create_future()
+    if stop is None:
+        stop = loop.create_future()
 
     def on_signal(signum: signal.Signals) -> None:
         if not stop.done():
@@ -304,7 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config)
     for name in unknown_environment(os.environ):
         log.warning("ignoring %s: no such setting (see --help)", name)
+    from service.workers import resolve_workers, supervise  # it builds on this module
+
     try:
+        if resolve_workers(config.workers) > 1:
+            return supervise(config)
         return asyncio.run(serve(config))
     except ConfigError as exc:
         log.error("cannot start: %s", exc)

@@ -90,13 +90,22 @@ def _rank_by(value: int) -> str:
 def _user(request: pb.RecommendRequest | pb.ScoreRequest, context: grpc.aio.ServicerContext) -> domain.UserContext:
     remaining = context.time_remaining()
     interactions = request.interactions
+    # One pass: every access to a repeated message's element builds a new wrapper object.
+    ids: list[str] = []
+    labels: list[float] = []
+    timestamps: list[int] = []
+    add_id, add_label, add_timestamp = ids.append, labels.append, timestamps.append
+    for m in interactions:
+        add_id(m.item_id)
+        add_label(m.label)
+        add_timestamp(m.timestamp)
     return domain.UserContext(
         request_id=request.request_id,
-        user_attributes=dict(request.user_attributes),
+        user_attributes=dict(request.user_attributes) if request.user_attributes else domain.NO_ATTRIBUTES,
         interactions=domain.Interactions(
-            items=_items(interactions, "interactions"),
-            labels=[i.label for i in interactions],
-            timestamps=[i.timestamp for i in interactions],
+            items=domain.ItemList(ids, lambda i: dict(interactions[i].item_attributes), "interactions"),
+            labels=labels,
+            timestamps=timestamps,
         ),
         deadline_s=time.monotonic() + remaining if remaining is not None else None,
     )

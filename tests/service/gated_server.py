@@ -1,12 +1,17 @@
 """`python -m tests.service.gated_server <server flags>`: the real server process (signals,
 drain, exit) with an engine that, for requests with interactions, prints ENGINE_ENTERED
 and waits for a line on stdin. Lets a test hold a request in flight for as long as it
-likes, without sleeping."""
+likes, without sleeping.
+
+With --workers > 1 (several processes, one stdin) the gate is a Unix socket instead, named
+by GATE_SOCKET_ENV: for a request with interactions the engine connects, sends its pid and
+waits until the test closes the connection."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 
 from service.artifact import Artifact
@@ -14,6 +19,9 @@ from service.config import configure_logging, parse_config
 from service.engines import Engine, EngineConfig, create_engine
 from service.padding import EngineInputs, EngineOutputs
 from service.server import serve
+from service.workers import resolve_workers, supervise
+
+GATE_SOCKET_ENV = "GATED_SERVER_SOCKET"
 
 
 class StdinGatedEngine:
@@ -32,13 +40,38 @@ class StdinGatedEngine:
         return {}
 
 
+class SocketGatedEngine:
+    def __init__(self, inner: Engine, gate: str) -> None:
+        self._inner = inner
+        self._gate = gate
+        self.description = inner.description
+        self.on_gpu = inner.on_gpu
+
+    def run(self, inputs: EngineInputs) -> EngineOutputs:
+        if inputs.support_mask.any():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gate:
+                gate.connect(self._gate)
+                gate.sendall(f"{os.getpid()}\n".encode())
+                gate.recv(1)  # returns when the test closes its end
+        return self._inner.run(inputs)
+
+    def gpu_memory_bytes(self) -> dict[str, int]:
+        return {}
+
+
 def gated(artifact: Artifact, config: EngineConfig) -> Engine:
     return StdinGatedEngine(create_engine(artifact, config))
+
+
+def socket_gated(artifact: Artifact, config: EngineConfig) -> Engine:
+    return SocketGatedEngine(create_engine(artifact, config), os.environ[GATE_SOCKET_ENV])
 
 
 def main() -> int:
     config = parse_config(sys.argv[1:], os.environ)
     configure_logging(config)
+    if resolve_workers(config.workers) > 1:
+        return supervise(config, engine_factory=socket_gated)
     return asyncio.run(serve(config, engine_factory=gated))
 
 
