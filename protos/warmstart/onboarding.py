@@ -1,0 +1,307 @@
+"""Onboarding: which items to ask a new user about, chosen by what the inner loop would learn.
+
+Pure numpy, shared by training (the offline simulation) and the service (the Onboard RPC):
+both hand the same function the same item vectors, prior and knowledge weights, so the
+served choice is the evaluated one.
+
+What the inner loop sees of item i (training.model, training.inner_loop):
+
+- rating head: x_i = [1, q_i] (the user bias and factors it adapts; the score is
+  mu + b_i + x_i . theta), objective sum_j (x_j . theta - r_j)^2 + sum_k pull_k (theta_k - theta0_k)^2;
+- engagement head: p_i (the user's engagement factors phi), objective
+  sum_j w_j (1 - p_j . phi)^2 + alpha phi' G phi + sum_k pull_k (phi_k - phi0_k)^2.
+
+Both are ridge problems, so the Gaussian posterior of the user's parameters after a set S
+of answers has precision (up to the common factor 2 of the squared loss)
+
+    A(S) = Lambda + sum_{i in S} x_i x_i'     with Lambda_rating = diag(pull),
+                                                   Lambda_engagement = diag(pull) + alpha G,
+
+per head; the heads share no parameter, so the joint precision is block diagonal and its
+log-determinant is the sum of the heads'. Maximising log det A(S) is Bayesian D-optimal
+design: the answers that shrink the volume of the user's posterior most.
+
+An answer only arrives if the user knows the item. pi_i, the knowledge weight, is the
+relative probability that the user interacts with item i: the engagement head is trained
+with a softmax over the catalog, so exp(z_i - z_j) is the ratio of the probabilities that
+the user's next interaction is i rather than j, and with
+
+    pi_i = exp(z_i - max_{j available} z_j)      (z = the user's engagement logits)
+
+the most likely known available item has pi = 1 (its bias starts at log-popularity, so at
+the start pi_i is item i's popularity relative to the most popular one). A model without
+an engagement head gives pi = 1 for every item. The D-optimal strategy maximises the
+log-determinant of the *expected* information, each item counted with its probability of
+being answered:
+
+    f(S) = log det(Lambda + sum_{i in S} pi_i x_i x_i')         (summed over the heads)
+
+f is monotone submodular, so the greedy choice (add the item of largest gain
+log(1 + pi_i x_i' A^-1 x_i), update A^-1 by Sherman-Morrison) is within 1 - 1/e of the best
+set, and exact for one item. Items already answered enter A with weight 1 (they are known);
+for the engagement head only the answers that count as engagement do (positive clicks).
+
+Strategies (the reason score each item comes back with, in parentheses):
+
+- ``dopt``: the greedy D-optimal design above (the gain in f when the item was chosen, nats);
+- ``melu``: MeLU-style evidence candidates (Lee et al., KDD 2019): the norm of the rating
+  head's support-loss gradient per unit residual, ||x_i|| (the residual is unknown before
+  the answer), over its largest, times pi_i (the product);
+- ``popular``: the caller's popularity, highest first (that popularity);
+- ``random``: a uniform random order (0).
+
+Exclusions and answered items are never returned, and an item is returned at most once, so
+asking in rounds (ask, send the answers as interactions, ask again) never repeats an item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+Strategy = Literal["dopt", "melu", "popular", "random"]
+STRATEGIES: tuple[Strategy, ...] = ("dopt", "melu", "popular", "random")
+DEFAULT_STRATEGY: Strategy = "dopt"
+
+
+@dataclass(frozen=True)
+class ItemVectors:
+    """Each item's vectors as the inner loop sees them: rows in catalog order."""
+
+    rating: np.ndarray  # (N, 1 + d) float: [1, q_i]
+    engagement: np.ndarray | None = None  # (N, e) float: p_i, unscaled (None: no engagement head)
+
+    def __post_init__(self) -> None:
+        if self.rating.ndim != 2 or self.rating.shape[1] < 1:
+            raise ValueError(f"rating vectors must be (items, 1 + factors), got shape {self.rating.shape}")
+        if self.engagement is not None and (self.engagement.ndim != 2 or self.engagement.shape[0] != self.rating.shape[0]):
+            raise ValueError(
+                f"engagement vectors must be (items, factors) with {self.rating.shape[0]} rows, got {self.engagement.shape}"
+            )
+
+    @property
+    def size(self) -> int:
+        return int(self.rating.shape[0])
+
+    @staticmethod
+    def from_factors(rating_factors: np.ndarray, engagement_factors: np.ndarray | None = None) -> "ItemVectors":
+        """[1, q_i] from the rating factors q (N, d) (the 1 is the user bias's coordinate)."""
+        q = np.asarray(rating_factors)
+        ones = np.ones((q.shape[0], 1), dtype=q.dtype)
+        return ItemVectors(np.concatenate([ones, q], axis=1), None if engagement_factors is None else np.asarray(engagement_factors))
+
+
+@dataclass(frozen=True)
+class Prior:
+    """The user's prior precision per head (Lambda of the module docstring)."""
+
+    rating: np.ndarray  # (1 + d, 1 + d) symmetric positive definite
+    engagement: np.ndarray | None = None  # (e, e), None without an engagement head
+
+    def __post_init__(self) -> None:
+        for name, matrix in (("rating", self.rating), ("engagement", self.engagement)):
+            if matrix is None:
+                continue
+            if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+                raise ValueError(f"the {name} prior precision must be square, got shape {matrix.shape}")
+            if not np.all(np.isfinite(matrix)) or not np.allclose(matrix, matrix.T, rtol=1e-5, atol=1e-6):
+                raise ValueError(f"the {name} prior precision must be finite and symmetric")
+            try:
+                np.linalg.cholesky(matrix.astype(np.float64))
+            except np.linalg.LinAlgError:
+                raise ValueError(f"the {name} prior precision is not positive definite") from None
+
+    def check(self, vectors: ItemVectors) -> None:
+        """Raises ValueError unless the prior fits the item vectors."""
+        if self.rating.shape[0] != vectors.rating.shape[1]:
+            raise ValueError(f"rating prior is {self.rating.shape}, item vectors have {vectors.rating.shape[1]} coordinates")
+        if (self.engagement is None) != (vectors.engagement is None):
+            raise ValueError("the prior and the item vectors disagree on whether there is an engagement head")
+        if self.engagement is not None and self.engagement.shape[0] != vectors.engagement.shape[1]:
+            raise ValueError(f"engagement prior is {self.engagement.shape}, item vectors have {vectors.engagement.shape[1]} coordinates")
+
+    @staticmethod
+    def from_pulls(
+        rating_pull: np.ndarray,
+        engagement_pull: np.ndarray | None = None,
+        catalog_weight: float | None = None,
+        gram: np.ndarray | None = None,
+    ) -> "Prior":
+        """Lambda_rating = diag(rating_pull) ((1 + d,): user bias first); Lambda_engagement =
+        diag(engagement_pull) + catalog_weight * gram (the inner loop's all-items term)."""
+        rating = np.diag(np.asarray(rating_pull, dtype=np.float64).reshape(-1))
+        if engagement_pull is None:
+            return Prior(rating)
+        engagement = np.diag(np.asarray(engagement_pull, dtype=np.float64).reshape(-1))
+        if gram is not None:
+            engagement = engagement + float(catalog_weight or 0.0) * np.asarray(gram, dtype=np.float64)
+            engagement = (engagement + engagement.T) / 2  # exactly symmetric (the Gram matrix is, up to rounding)
+        return Prior(rating, engagement)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen items (positions into the item vectors), best first, and each one's reason score."""
+
+    rows: np.ndarray  # (k,) int64
+    reasons: np.ndarray  # (k,) float64
+
+
+def knowledge_weights(engagement_logits: np.ndarray | None, size: int) -> np.ndarray:
+    """pi = exp(z - max z) over the given items (ones without engagement logits)."""
+    if engagement_logits is None:
+        return np.ones(size, dtype=np.float64)
+    z = np.asarray(engagement_logits, dtype=np.float64).reshape(-1)
+    if z.size != size:
+        raise ValueError(f"{z.size} engagement logits for {size} items")
+    if z.size == 0:
+        return z
+    if not np.all(np.isfinite(z)):
+        raise ValueError("engagement logits must be finite")
+    return np.exp(z - z.max())
+
+
+def information(
+    prior: Prior, vectors: ItemVectors, answered: np.ndarray, answered_engaged: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The precision per head after the answered items: Lambda + sum of x x' (weight 1)."""
+    answered = np.asarray(answered, dtype=np.int64).reshape(-1)
+    x = vectors.rating[answered].astype(np.float64)  # (n, 1 + d)
+    rating = prior.rating + x.T @ x
+    if prior.engagement is None:
+        return rating, None
+    engaged = np.ones(answered.size, bool) if answered_engaged is None else np.asarray(answered_engaged, bool).reshape(-1)
+    if engaged.size != answered.size:
+        raise ValueError(f"answered_engaged has {engaged.size} entries for {answered.size} answered items")
+    p = vectors.engagement[answered[engaged]].astype(np.float64)
+    return rating, prior.engagement + p.T @ p
+
+
+def log_det_objective(prior: Prior, vectors: ItemVectors, chosen: Sequence[int], weights: np.ndarray, answered: np.ndarray = np.zeros(0, np.int64)) -> float:
+    """f(S) of the module docstring, by slogdet: chosen item c counted with weights[k] for
+    its position k in `chosen`. The reference the greedy's gains are checked against."""
+    chosen = np.asarray(chosen, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float64)
+    total = 0.0
+    blocks = zip(information(prior, vectors, answered), (vectors.rating, vectors.engagement))
+    for start, table in blocks:
+        if start is None:
+            continue
+        x = table[chosen].astype(np.float64)
+        sign, value = np.linalg.slogdet(start + (x * w[:, None]).T @ x)
+        if sign <= 0:
+            raise ValueError("the information matrix is not positive definite")
+        total += float(value)
+    return total
+
+
+def _available(size: int, candidates: np.ndarray | None, excluded: np.ndarray) -> np.ndarray:
+    rows = np.arange(size, dtype=np.int64) if candidates is None else np.asarray(candidates, dtype=np.int64).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= size):
+        raise ValueError(f"candidate rows must lie in [0, {size})")
+    if np.unique(rows).size != rows.size:
+        raise ValueError("candidate rows must be distinct")
+    if excluded.size:
+        rows = rows[~np.isin(rows, excluded)]
+    return rows
+
+
+def select(
+    strategy: Strategy,
+    vectors: ItemVectors,
+    prior: Prior | None,
+    count: int,
+    candidates: np.ndarray | None = None,
+    engagement_logits: np.ndarray | None = None,
+    popularity: np.ndarray | None = None,
+    answered: np.ndarray | None = None,
+    answered_engaged: np.ndarray | None = None,
+    excluded: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+) -> Selection:
+    """The `count` items to ask next (fewer when fewer are available), best first.
+
+    candidates: rows to choose among (None = every row), distinct; engagement_logits and
+    popularity are aligned with them (popularity: for ``popular``, required there).
+    answered: rows the user already answered (never returned; they enter the information
+    matrix, the engagement block only where answered_engaged is True); excluded: rows never
+    to return. rng: for ``random`` (a fresh generator when None).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown onboarding strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    answered_rows = np.zeros(0, np.int64) if answered is None else np.asarray(answered, dtype=np.int64).reshape(-1)
+    excluded_rows = np.zeros(0, np.int64) if excluded is None else np.asarray(excluded, dtype=np.int64).reshape(-1)
+    n_candidates = vectors.size if candidates is None else len(candidates)
+    for name, values in (("engagement_logits", engagement_logits), ("popularity", popularity)):
+        if values is not None and len(values) != n_candidates:
+            raise ValueError(f"{name} has {len(values)} entries for {n_candidates} candidates")
+    pool = np.arange(vectors.size, dtype=np.int64) if candidates is None else np.asarray(candidates, dtype=np.int64).reshape(-1)
+    rows = _available(vectors.size, candidates, np.union1d(answered_rows, excluded_rows))
+    keep = np.isin(pool, rows) if rows.size != pool.size else np.ones(pool.size, bool)
+    k = min(count, rows.size)
+    if k == 0:
+        return Selection(np.zeros(0, np.int64), np.zeros(0, np.float64))
+    if strategy == "random":
+        generator = rng if rng is not None else np.random.default_rng()
+        return Selection(generator.permutation(rows)[:k], np.zeros(k, np.float64))
+    if strategy == "popular":
+        if popularity is None:
+            raise ValueError("the popular strategy needs a popularity per candidate")
+        pop = np.asarray(popularity, dtype=np.float64)[keep]
+        order = np.argsort(-pop, kind="stable")[:k]
+        return Selection(rows[order], pop[order])
+    weights = knowledge_weights(None if engagement_logits is None else np.asarray(engagement_logits)[keep], rows.size)
+    if strategy == "melu":
+        norms = np.linalg.norm(vectors.rating[rows].astype(np.float64), axis=1)
+        score = norms / norms.max() * weights
+        order = np.argsort(-score, kind="stable")[:k]
+        return Selection(rows[order], score[order])
+    if prior is None:
+        raise ValueError("the dopt strategy needs the model's prior precision")
+    prior.check(vectors)
+    return _greedy_dopt(prior, vectors, rows, weights, k, answered_rows, answered_engaged)
+
+
+def _greedy_dopt(
+    prior: Prior,
+    vectors: ItemVectors,
+    rows: np.ndarray,
+    weights: np.ndarray,
+    k: int,
+    answered: np.ndarray,
+    answered_engaged: np.ndarray | None,
+) -> Selection:
+    """Greedy maximisation of f (module docstring) over `rows`, O(N m^2) once and O(N m) per pick."""
+    blocks = []  # per head: (inverse precision, item vectors of rows, their quadratic forms x' A^-1 x)
+    for start, table in zip(information(prior, vectors, answered, answered_engaged), (vectors.rating, vectors.engagement)):
+        if start is None:
+            continue
+        chol = np.linalg.cholesky(start)
+        x = table[rows].astype(np.float64)  # (n, m)
+        y = np.linalg.solve(chol, x.T)  # (m, n): L^-1 x, so x' A^-1 x = ||L^-1 x||^2
+        inverse = np.linalg.inv(start)
+        blocks.append([inverse, x, np.einsum("mn,mn->n", y, y)])
+    taken = np.zeros(rows.size, bool)
+    chosen, reasons = [], []
+    for _ in range(k):
+        gains = np.zeros(rows.size)
+        for _, _, quad in blocks:
+            gains += np.log1p(weights * np.maximum(quad, 0.0))
+        gains[taken] = -np.inf
+        best = int(np.argmax(gains))  # the first of equal gains: candidate order breaks ties
+        chosen.append(best)
+        reasons.append(float(gains[best]))
+        taken[best] = True
+        w = weights[best]
+        for block in blocks:
+            inverse, x, quad = block
+            u = inverse @ x[best]  # (m,)
+            denominator = 1.0 + w * float(x[best] @ u)
+            projections = x @ u  # (n,)
+            block[0] = inverse - (w / denominator) * np.outer(u, u)
+            block[2] = quad - (w / denominator) * projections * projections
+    return Selection(rows[np.array(chosen, dtype=np.int64)], np.array(reasons, dtype=np.float64))
