@@ -28,7 +28,7 @@ from google.protobuf import json_format
 from safetensors.numpy import load as load_safetensors
 
 from service.errors import FieldViolation, InvalidArgument, echo, echo_key
-from warmstart import signature
+from warmstart import onboarding, signature
 from warmstart.signature import SIGNATURE_FILE
 from warmstart.v1 import manifest_pb2 as pb
 
@@ -286,6 +286,9 @@ class Artifact:
     label: LabelRange
     inputs: tuple[TensorSignature, ...]
     outputs: tuple[TensorSignature, ...]
+    # The user's prior precision per head for the Onboard RPC (warmstart.onboarding.PRIOR_FILE);
+    # None for a version exported without it.
+    onboarding_prior: onboarding.Prior | None = None
 
     @property
     def model_name(self) -> str:
@@ -362,7 +365,7 @@ def load_artifact(path: Path, trusted_keys: Sequence | None = None) -> Artifact:
     label = _label(manifest.label)
     inputs, outputs = _graph_signatures(manifest, encoder)
     catalog = _catalog(path, manifest, encoder)
-    return Artifact(path, manifest, encoder, catalog, label, inputs, outputs)
+    return Artifact(path, manifest, encoder, catalog, label, inputs, outputs, _onboarding_prior(path, manifest))
 
 
 def read_manifest(path: Path, trusted_keys: Sequence | None = None) -> pb.ArtifactManifest:
@@ -622,3 +625,17 @@ def _catalog(path: Path, manifest: pb.ArtifactManifest, encoder: FeatureEncoder)
     codes = np.ascontiguousarray(codes)
     codes.setflags(write=False)
     return Catalog(tuple(item_ids), codes, row_of)
+
+
+def _onboarding_prior(path: Path, manifest: pb.ArtifactManifest) -> onboarding.Prior | None:
+    """The onboarding prior, when the version has one (checked like every listed file)."""
+    if not any(f.path == onboarding.PRIOR_FILE for f in manifest.files):
+        return None
+    try:
+        tensors = load_safetensors((path / onboarding.PRIOR_FILE).read_bytes())
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise ContentError(onboarding.PRIOR_FILE, f"not a readable safetensors file: {exc}") from exc
+    try:
+        return onboarding.prior_from_tensors(tensors)
+    except ValueError as exc:
+        raise ContentError(onboarding.PRIOR_FILE, str(exc)) from exc

@@ -11,6 +11,8 @@ The artifact is the directory `<repository>/<model_name>/<version>/`:
     catalog.safetensors    "item_features": int64 [items, item_width], known items encoded
     catalog_items.txt      their ids, one per line, in row order
     vocab/<field>.txt      vocabularies too large to sit in the manifest
+    onboarding_prior.safetensors  bias_factor models: the user's prior precision per head,
+                           for the Onboard RPC's selection (warmstart.onboarding)
 
 How the inner loop gets into a graph: the loop is written with torch.func (grad inside
 vmap). Exporting torch.func.grad directly fails, so the fused function is first traced
@@ -46,6 +48,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from google.protobuf import json_format
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -54,7 +57,9 @@ from training.batching import EncodedCatalog
 from training.dataset import LabelSpec
 from training.features import FeatureSchema, Field
 from training.inner_loop import Batch, InnerLoopConfig
+from training.onboarding import onboarding_prior
 from training.trainer import AdaptedModel
+from warmstart import onboarding
 from warmstart.torch_program import load_program, save_program
 from warmstart.v1 import manifest_pb2 as pb
 
@@ -379,6 +384,9 @@ def export_artifact(
         catalog_rows = catalog.codes[: len(catalog.item_ids)].contiguous()
         save_file({"item_features": catalog_rows}, str(tmp / "catalog.safetensors"))
         _write_lines(tmp / "catalog_items.txt", catalog.item_ids)
+        if adapted.model_config.kind == "bias_factor":
+            # What the Onboard RPC's D-optimal selection needs beside the item vectors.
+            save_numpy(onboarding.prior_tensors(onboarding_prior(adapted)), str(tmp / onboarding.PRIOR_FILE))
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)
 

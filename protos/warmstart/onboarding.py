@@ -62,6 +62,13 @@ from typing import Literal, Sequence
 import numpy as np
 
 Strategy = Literal["dopt", "melu", "popular", "random"]
+
+# The artifact file export writes the prior into and the service reads it from: safetensors
+# with RATING_PRECISION (1 + d, 1 + d) and, for a model with the engagement head,
+# ENGAGEMENT_PRECISION (e, e), float64.
+PRIOR_FILE = "onboarding_prior.safetensors"
+RATING_PRECISION = "rating_precision"
+ENGAGEMENT_PRECISION = "engagement_precision"
 STRATEGIES: tuple[Strategy, ...] = ("dopt", "melu", "popular", "random")
 DEFAULT_STRATEGY: Strategy = "dopt"
 
@@ -139,6 +146,23 @@ class Prior:
             engagement = engagement + float(catalog_weight or 0.0) * np.asarray(gram, dtype=np.float64)
             engagement = (engagement + engagement.T) / 2  # exactly symmetric (the Gram matrix is, up to rounding)
         return Prior(rating, engagement)
+
+
+def prior_tensors(prior: Prior) -> dict[str, np.ndarray]:
+    """The prior as PRIOR_FILE's tensors (what export writes)."""
+    tensors = {RATING_PRECISION: np.ascontiguousarray(prior.rating, dtype=np.float64)}
+    if prior.engagement is not None:
+        tensors[ENGAGEMENT_PRECISION] = np.ascontiguousarray(prior.engagement, dtype=np.float64)
+    return tensors
+
+
+def prior_from_tensors(tensors: dict[str, np.ndarray]) -> Prior:
+    """PRIOR_FILE's tensors back as a Prior (what the service reads); ValueError if malformed."""
+    unknown = sorted(set(tensors) - {RATING_PRECISION, ENGAGEMENT_PRECISION})
+    if unknown or RATING_PRECISION not in tensors:
+        raise ValueError(f"expected tensors {RATING_PRECISION!r} (and {ENGAGEMENT_PRECISION!r}), got {sorted(tensors)}")
+    engagement = tensors.get(ENGAGEMENT_PRECISION)
+    return Prior(np.asarray(tensors[RATING_PRECISION], np.float64), None if engagement is None else np.asarray(engagement, np.float64))
 
 
 @dataclass(frozen=True)
