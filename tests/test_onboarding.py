@@ -154,3 +154,17 @@ def test_bad_inputs():
         O.Prior(-np.eye(3))
     with pytest.raises(ValueError, match="engagement head"):
         O.select("dopt", vectors, O.Prior(np.eye(3)), 1)
+
+
+def test_one_head_counts_only_its_own_information():
+    vectors, prior, logits = _toy(3)
+    weights = O.knowledge_weights(logits, vectors.size)
+    rating_only = O.ItemVectors(vectors.rating)
+    expected = O.select("dopt", rating_only, O.Prior(prior.rating), 3, engagement_logits=logits)
+    chosen = O.select("dopt", vectors, prior, 3, engagement_logits=logits, heads=("rating",))
+    assert chosen.rows.tolist() == expected.rows.tolist()
+    np.testing.assert_allclose(chosen.reasons, expected.reasons)
+    total = O.log_det_objective(O.Prior(prior.rating), rating_only, chosen.rows, weights[chosen.rows])
+    assert total - O.log_det_objective(O.Prior(prior.rating), rating_only, [], np.zeros(0)) == pytest.approx(chosen.reasons.sum())
+    with pytest.raises(ValueError, match="heads"):
+        O.select("dopt", vectors, prior, 3, heads=("nope",))

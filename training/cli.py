@@ -335,6 +335,7 @@ def cmd_evaluate_onboarding(args: argparse.Namespace) -> int:
     """evaluate --protocol onboarding: simulated onboarding of held-out users (training/onboarding_eval.py)."""
     from training.onboarding_eval import (
         DEFAULT_REFERENCE,
+        DEFAULT_STRATEGIES,
         ONBOARDING_CUTOFF,
         PROTOCOL_HELP,
         STRATEGY_HELP,
@@ -348,7 +349,7 @@ def cmd_evaluate_onboarding(args: argparse.Namespace) -> int:
 
     if args.liked_threshold is not None:
         raise UsageError("--liked-threshold is for --protocol topn")
-    names = [m.strip() for m in (args.methods or ",".join(STRATEGY_HELP)).split(",") if m.strip()]
+    names = [m.strip() for m in (args.methods or ",".join(DEFAULT_STRATEGIES)).split(",") if m.strip()]
     unknown = [n for n in names if n not in STRATEGY_HELP]
     if unknown:
         raise UsageError(f"--methods: unknown onboarding strategies {unknown}; choose from {', '.join(STRATEGY_HELP)}")

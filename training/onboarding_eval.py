@@ -44,7 +44,10 @@ STRATEGY_HELP = {
     "popular": "most training interactions first (the reference)",
     "melu": "MeLU-style: rating-head gradient norm per unit residual x knowledge weight",
     "dopt": "greedy D-optimal design on the inner loop's item vectors, weighted by the knowledge weight",
+    "dopt_rating": "diagnostic: dopt counting the rating head's information only",
+    "dopt_engagement": "diagnostic: dopt counting the engagement head's information only",
 }
+DEFAULT_STRATEGIES = ("random", "popular", "melu", "dopt")
 DEFAULT_REFERENCE = "popular"
 
 
@@ -94,7 +97,7 @@ def simulate_onboarding(
     dataset: Dataset,
     splits: Sequence[Split],
     fit_model: Callable[[object], tuple[AdaptedModel, EncodedCatalog]],
-    strategies: Sequence[str] = ("random", "popular", "melu", "dopt"),
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
     sizes: Sequence[int] = ONBOARDING_SIZES,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -138,7 +141,7 @@ def simulate_onboarding(
                 for t, u in enumerate(users):
                     pool = u.pool[: u.pool.size - held] if protocol == "held_out" else u.pool
                     chosen = O.select(
-                        strategy,  # type: ignore[arg-type]
+                        strategy.split("_")[0],  # type: ignore[arg-type]
                         vectors,
                         prior,
                         largest,
@@ -146,6 +149,7 @@ def simulate_onboarding(
                         engagement_logits=None if logits is None else logits[t, pool],
                         popularity=ranker.counts[pool],
                         rng=np.random.default_rng([split.protocol.seed, split.fold, t]),
+                        heads=(strategy.split("_")[1],) if "_" in strategy else O.HEADS,
                     )
                     asked.append(_positions(pool, chosen.rows))
                 for k in sizes:

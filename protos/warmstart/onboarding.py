@@ -71,6 +71,7 @@ RATING_PRECISION = "rating_precision"
 ENGAGEMENT_PRECISION = "engagement_precision"
 STRATEGIES: tuple[Strategy, ...] = ("dopt", "melu", "popular", "random")
 DEFAULT_STRATEGY: Strategy = "dopt"
+HEADS = ("rating", "engagement")  # the information blocks dopt sums over
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ def select(
     answered_engaged: np.ndarray | None = None,
     excluded: np.ndarray | None = None,
     rng: np.random.Generator | None = None,
+    heads: Sequence[str] = HEADS,
 ) -> Selection:
     """The `count` items to ask next (fewer when fewer are available), best first.
 
@@ -251,7 +253,8 @@ def select(
     popularity are aligned with them (popularity: for ``popular``, required there).
     answered: rows the user already answered (never returned; they enter the information
     matrix, the engagement block only where answered_engaged is True); excluded: rows never
-    to return. rng: for ``random`` (a fresh generator when None).
+    to return. rng: for ``random`` (a fresh generator when None). heads: the heads whose
+    information ``dopt`` counts (both by default; one of them for diagnostics).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown onboarding strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
@@ -287,7 +290,10 @@ def select(
     if prior is None:
         raise ValueError("the dopt strategy needs the model's prior precision")
     prior.check(vectors)
-    return _greedy_dopt(prior, vectors, rows, weights, k, answered_rows, answered_engaged)
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown or not heads:
+        raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {tuple(heads)}")
+    return _greedy_dopt(prior, vectors, rows, weights, k, answered_rows, answered_engaged, tuple(heads))
 
 
 def _greedy_dopt(
@@ -298,11 +304,12 @@ def _greedy_dopt(
     k: int,
     answered: np.ndarray,
     answered_engaged: np.ndarray | None,
+    heads: tuple[str, ...] = ("rating", "engagement"),
 ) -> Selection:
     """Greedy maximisation of f (module docstring) over `rows`, O(N m^2) once and O(N m) per pick."""
     blocks = []  # per head: (inverse precision, item vectors of rows, their quadratic forms x' A^-1 x)
-    for start, table in zip(information(prior, vectors, answered, answered_engaged), (vectors.rating, vectors.engagement)):
-        if start is None:
+    for head, start, table in zip(HEADS, information(prior, vectors, answered, answered_engaged), (vectors.rating, vectors.engagement)):
+        if start is None or head not in heads:
             continue
         chol = np.linalg.cholesky(start)
         x = table[rows].astype(np.float64)  # (n, m)
