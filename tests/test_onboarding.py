@@ -168,3 +168,38 @@ def test_one_head_counts_only_its_own_information():
     assert total - O.log_det_objective(O.Prior(prior.rating), rating_only, [], np.zeros(0)) == pytest.approx(chosen.reasons.sum())
     with pytest.raises(ValueError, match="heads"):
         O.select("dopt", vectors, prior, 3, heads=("nope",))
+
+
+def test_best_partitions_like_a_stable_sort():
+    rng = np.random.default_rng(5)
+    score = rng.integers(0, 6, size=200).astype(float)  # many ties
+    for k in (1, 7, 50, 199, 200, 300):
+        np.testing.assert_array_equal(O._best(score, k), np.argsort(-score, kind="stable")[:k])
+
+
+def _plain_greedy(prior, vectors, rows, weights, k, answered):
+    """The greedy by definition: at each step the item whose addition raises f most (slogdet)."""
+    chosen: list[int] = []
+    for _ in range(k):
+        base = O.log_det_objective(prior, vectors, [rows[c] for c in chosen], weights[chosen], answered)
+        gains = [
+            -np.inf if c in chosen
+            else O.log_det_objective(prior, vectors, [rows[j] for j in chosen + [c]], weights[chosen + [c]], answered) - base
+            for c in range(len(rows))
+        ]
+        chosen.append(int(np.argmax(gains)))
+    return rows[chosen]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lazy_greedy_is_the_plain_greedy(seed):
+    vectors, prior, logits = _toy(seed, n=40, d=3, e=4)
+    rng = np.random.default_rng(seed)
+    answered = rng.choice(40, size=2, replace=False)
+    for candidates in (None, rng.permutation(np.setdiff1d(np.arange(40), answered))[:25]):
+        pool = np.setdiff1d(np.arange(40), answered) if candidates is None else candidates
+        z = logits if candidates is None else logits[candidates]
+        z_pool = logits[pool]
+        chosen = O.select("dopt", vectors, prior, 8, candidates=candidates, engagement_logits=z, answered=answered)
+        expected = _plain_greedy(prior, vectors, pool, O.knowledge_weights(z_pool, pool.size), 8, answered)
+        assert chosen.rows.tolist() == expected.tolist()
