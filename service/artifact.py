@@ -289,6 +289,8 @@ class Artifact:
     # The user's prior precision per head for the Onboard RPC (warmstart.onboarding.PRIOR_FILE);
     # None for a version exported without it.
     onboarding_prior: onboarding.Prior | None = None
+    # Each catalog item's vectors and engagement bias for Onboard (warmstart.onboarding.ITEMS_FILE).
+    onboarding_items: tuple[onboarding.ItemVectors, np.ndarray | None] | None = None
 
     @property
     def model_name(self) -> str:
@@ -365,7 +367,9 @@ def load_artifact(path: Path, trusted_keys: Sequence | None = None) -> Artifact:
     label = _label(manifest.label)
     inputs, outputs = _graph_signatures(manifest, encoder)
     catalog = _catalog(path, manifest, encoder)
-    return Artifact(path, manifest, encoder, catalog, label, inputs, outputs, _onboarding_prior(path, manifest))
+    return Artifact(
+        path, manifest, encoder, catalog, label, inputs, outputs, _onboarding_prior(path, manifest), _onboarding_items(path, manifest, catalog)
+    )
 
 
 def read_manifest(path: Path, trusted_keys: Sequence | None = None) -> pb.ArtifactManifest:
@@ -639,3 +643,17 @@ def _onboarding_prior(path: Path, manifest: pb.ArtifactManifest) -> onboarding.P
         return onboarding.prior_from_tensors(tensors)
     except ValueError as exc:
         raise ContentError(onboarding.PRIOR_FILE, str(exc)) from exc
+
+
+def _onboarding_items(path: Path, manifest: pb.ArtifactManifest, catalog: Catalog) -> tuple[onboarding.ItemVectors, np.ndarray | None] | None:
+    """The onboarding item vectors, when the version has them (one row per catalog item)."""
+    if not any(f.path == onboarding.ITEMS_FILE for f in manifest.files):
+        return None
+    try:
+        tensors = load_safetensors((path / onboarding.ITEMS_FILE).read_bytes())
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise ContentError(onboarding.ITEMS_FILE, f"not a readable safetensors file: {exc}") from exc
+    try:
+        return onboarding.items_from_tensors(tensors, catalog.size)
+    except ValueError as exc:
+        raise ContentError(onboarding.ITEMS_FILE, str(exc)) from exc

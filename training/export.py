@@ -13,6 +13,8 @@ The artifact is the directory `<repository>/<model_name>/<version>/`:
     vocab/<field>.txt      vocabularies too large to sit in the manifest
     onboarding_prior.safetensors  bias_factor models: the user's prior precision per head,
                            for the Onboard RPC's selection (warmstart.onboarding)
+    onboarding_items.safetensors  ... and each catalog item's vectors as the inner loop sees
+                           them (q_i; p_i and c_i with the engagement head)
 
 How the inner loop gets into a graph: the loop is written with torch.func (grad inside
 vmap). Exporting torch.func.grad directly fails, so the fused function is first traced
@@ -57,7 +59,7 @@ from training.batching import EncodedCatalog
 from training.dataset import LabelSpec
 from training.features import FeatureSchema, Field
 from training.inner_loop import Batch, InnerLoopConfig
-from training.onboarding import onboarding_prior
+from training.onboarding import item_tensors as onboarding_item_tensors, onboarding_prior
 from training.trainer import AdaptedModel
 from warmstart import onboarding
 from warmstart.torch_program import load_program, save_program
@@ -387,6 +389,7 @@ def export_artifact(
         if adapted.model_config.kind == "bias_factor":
             # What the Onboard RPC's D-optimal selection needs beside the item vectors.
             save_numpy(onboarding.prior_tensors(onboarding_prior(adapted)), str(tmp / onboarding.PRIOR_FILE))
+            save_numpy(onboarding_item_tensors(adapted, catalog), str(tmp / onboarding.ITEMS_FILE))
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)
 
