@@ -14,8 +14,13 @@ background load):
 and prints p50 / p95 / mean latency in ms (client side, loopback) and each p50 over
 Recommend's. Run it under the shared bench lock:
 
-    flock /work/notes/bench.lock python bench/onboard.py --artifact models/ml100k/1 --artifact models/big/1
-    python bench/onboard.py --build-items 200000 --artifact models/ml100k/1   # builds the large one first
+    flock /work/notes/bench.lock python bench/onboard.py --artifact models/ml100k/1 --tile-to 200000
+
+--tile-to N adds a copy of the (last) artifact whose catalog is its own repeated to N items
+(new ids; encoded rows and onboarding vectors repeated, the manifest's catalog size and
+digests rewritten): the same model and graph, a catalog of that size, so the serving cost
+of the catalog's size is measured without training on one (the synthetic generator takes
+minutes for 200k items: --build-items N does that instead).
 """
 
 from __future__ import annotations
@@ -51,6 +56,41 @@ def build_synthetic_artifact(repository: Path, n_items: int, seed: int = 0) -> P
     config = JobConfig.default(meta_steps=20, eval_every=10, meta_batch_size=16)
     config.model = M.served_config()
     return train_and_export(dataset, repository, f"synthetic{n_items}", config, version="1").export.path
+
+
+def tile_artifact(source: Path, target: Path, size: int) -> Path:
+    """A copy of `source` whose catalog is its own repeated to `size` items (see the module docstring)."""
+    import hashlib
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from warmstart import onboarding as O
+
+    shutil.copytree(source, target)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    ids = (source / "catalog_items.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    reps = -(-size // len(ids))
+    tiled = [f"{item}~{r}" if r else item for r in range(reps) for item in ids][:size]
+    (target / "catalog_items.txt").write_text("".join(f"{i}\n" for i in tiled), encoding="utf-8")
+
+    def tile(name: str) -> None:
+        tensors = load_file(str(source / name))
+        save_file({k: np.ascontiguousarray(np.concatenate([v] * reps)[:size]) for k, v in tensors.items()}, str(target / name))
+
+    tile("catalog.safetensors")
+    tile(O.ITEMS_FILE)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["catalog"]["size"] = str(size)
+    for entry in manifest["files"]:
+        data = (target / entry["path"]).read_bytes()
+        entry["sha256"], entry["size_bytes"] = hashlib.sha256(data).hexdigest(), str(len(data))
+    (target / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    digest = hashlib.sha256((target / "manifest.json").read_bytes()).hexdigest()
+    (target / "manifest.sha256").write_text(f"{digest}  manifest.json\n")
+    return target
 
 
 def calls(item_ids: list[str], rng: np.random.Generator) -> dict[str, tuple[str, object]]:
@@ -93,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path, action="append", default=[], help="artifact directory <repo>/<name>/<version> (repeat)")
     parser.add_argument("--build-items", type=int, default=0, help="first build a synthetic artifact with this many items and add it")
+    parser.add_argument("--tile-to", type=int, default=0, help="add a copy of the last artifact with its catalog repeated to this many items")
     parser.add_argument("--rounds", type=int, default=30, help="measured rounds per artifact (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (default 3)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server (repeat)")
@@ -105,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             artifacts.append(build_synthetic_artifact(Path(tmp) / "built", args.build_items, args.seed))
         if not artifacts:
             parser.error("give --artifact or --build-items")
+        if args.tile_to:
+            source = artifacts[-1]
+            artifacts.append(tile_artifact(source, Path(tmp) / "tiled" / f"{source.parent.name}-x{args.tile_to}" / source.name, args.tile_to))
         rows = []
         for k, artifact in enumerate(artifacts):
             repository = Path(tmp) / f"repository{k}"
