@@ -17,8 +17,8 @@ Recommend's. Run it under the shared bench lock:
     flock /work/notes/bench.lock python bench/onboard.py --artifact models/ml100k/1 --tile-to 200000
 
 --tile-to N adds a copy of the (last) artifact whose catalog is its own repeated to N items
-(new ids; encoded rows and onboarding vectors repeated, the manifest's catalog size and
-digests rewritten): the same model and graph, a catalog of that size, so the serving cost
+(new ids; encoded rows and item-table rows repeated, the manifest's sizes and digests
+rewritten): the same model and graph, a catalog of that size, so the serving cost
 of the catalog's size is measured without training on one (the synthetic generator takes
 minutes for 200k items: --build-items N does that instead).
 """
@@ -60,13 +60,11 @@ def build_synthetic_artifact(repository: Path, n_items: int, seed: int = 0) -> P
 
 def tile_artifact(source: Path, target: Path, size: int) -> Path:
     """A copy of `source` whose catalog is its own repeated to `size` items (see the module docstring)."""
-    import hashlib
-    import json
     import shutil
 
     from safetensors.numpy import load_file, save_file
 
-    from warmstart import onboarding as O
+    from warmstart import contract as C
 
     shutil.copytree(source, target)
     for path in [target, *target.rglob("*")]:
@@ -80,16 +78,16 @@ def tile_artifact(source: Path, target: Path, size: int) -> Path:
         tensors = load_file(str(source / name))
         save_file({k: np.ascontiguousarray(np.concatenate([v] * reps)[:size]) for k, v in tensors.items()}, str(target / name))
 
-    tile("catalog.safetensors")
-    tile(O.ITEMS_FILE)
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["catalog"]["size"] = str(size)
-    for entry in manifest["files"]:
-        data = (target / entry["path"]).read_bytes()
-        entry["sha256"], entry["size_bytes"] = hashlib.sha256(data).hexdigest(), str(len(data))
-    (target / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    digest = hashlib.sha256((target / "manifest.json").read_bytes()).hexdigest()
-    (target / "manifest.sha256").write_text(f"{digest}  manifest.json\n")
+    tile(C.CATALOG_FEATURES_FILE)
+    manifest = C.parse_manifest((source / C.MANIFEST_FILE).read_bytes())
+    if not manifest.HasField("item_table"):
+        raise ValueError(f"{source} has no item table: re-export it")
+    spec = manifest.item_table
+    table = C.parse_item_table((source / spec.file).read_bytes(), spec.size, spec.rating_factors, spec.engagement_factors)
+    (target / spec.file).write_bytes(C.item_table_bytes(table.take(np.arange(size) % table.size)))
+    manifest.catalog.size = size
+    manifest.item_table.size = size
+    C.write_manifest(target, manifest)  # lists every file with its new digest
     return target
 
 

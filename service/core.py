@@ -139,8 +139,8 @@ class RecommenderCore:
         tables = model.onboarding
         if tables is None:
             raise FailedPrecondition(
-                f"model version {model.version} cannot onboard: it was exported without the onboarding prior and "
-                "item vectors (re-export it with this release)"
+                f"model version {model.version} cannot onboard: it was exported without the onboarding prior or "
+                "the item table (re-export it with this release)"
             )
         catalog = model.artifact.catalog
         violations: list[FieldViolation] = []

@@ -35,17 +35,6 @@ def item_vectors(adapted: AdaptedModel, catalog: EncodedCatalog, rows: np.ndarra
     return O.ItemVectors.from_factors(q.numpy(), engagement)
 
 
-@torch.no_grad()
-def item_tensors(adapted: AdaptedModel, catalog: EncodedCatalog) -> dict:
-    """ITEMS_FILE's tensors for every catalog item (catalog row order): q_i, p_i, c_i."""
-    codes = catalog.codes[: len(catalog.item_ids)]
-    _, q = M.item_repr(adapted.model_config, adapted.schema, adapted.params, codes)
-    if not adapted.model_config.engagement_factors:
-        return O.item_tensors(q.numpy(), None, None)
-    c, p = M.item_engagement(adapted.model_config, adapted.schema, adapted.params, codes)
-    return O.item_tensors(q.numpy(), p.numpy(), c.numpy())
-
-
 def onboarding_prior(adapted: AdaptedModel) -> O.Prior:
     """The user's prior precision per head: the inner loop's learned pulls toward theta_0
     (the ridge fold-in weight `fold_in_l2` where the loop has no pull), plus the engagement

@@ -71,13 +71,6 @@ Strategy = Literal["dopt", "melu", "popular", "random"]
 PRIOR_FILE = "onboarding_prior.safetensors"
 RATING_PRECISION = "rating_precision"
 ENGAGEMENT_PRECISION = "engagement_precision"
-# The item vectors the selection needs, for an artifact without an item table: safetensors
-# with RATING_FACTORS (N, d) and, with the engagement head, ENGAGEMENT_FACTORS (N, e) and
-# ENGAGEMENT_BIAS (N,), float32, rows in catalog row order.
-ITEMS_FILE = "onboarding_items.safetensors"
-RATING_FACTORS = "rating_factors"
-ENGAGEMENT_FACTORS = "engagement_factors"
-ENGAGEMENT_BIAS = "engagement_bias"
 STRATEGIES: tuple[Strategy, ...] = ("dopt", "melu", "popular", "random")
 DEFAULT_STRATEGY: Strategy = "dopt"
 HEADS = ("rating", "engagement")  # the information blocks dopt sums over
@@ -173,32 +166,6 @@ def prior_from_tensors(tensors: dict[str, np.ndarray]) -> Prior:
         raise ValueError(f"expected tensors {RATING_PRECISION!r} (and {ENGAGEMENT_PRECISION!r}), got {sorted(tensors)}")
     engagement = tensors.get(ENGAGEMENT_PRECISION)
     return Prior(np.asarray(tensors[RATING_PRECISION], np.float64), None if engagement is None else np.asarray(engagement, np.float64))
-
-
-def item_tensors(rating_factors: np.ndarray, engagement_factors: np.ndarray | None, engagement_bias: np.ndarray | None) -> dict[str, np.ndarray]:
-    """ITEMS_FILE's tensors (what export writes): q_i, and p_i and c_i with the engagement head."""
-    tensors = {RATING_FACTORS: np.ascontiguousarray(rating_factors, dtype=np.float32)}
-    if engagement_factors is not None:
-        if engagement_bias is None:
-            raise ValueError("engagement factors need their biases")
-        tensors[ENGAGEMENT_FACTORS] = np.ascontiguousarray(engagement_factors, dtype=np.float32)
-        tensors[ENGAGEMENT_BIAS] = np.ascontiguousarray(engagement_bias, dtype=np.float32)
-    return tensors
-
-
-def items_from_tensors(tensors: dict[str, np.ndarray], size: int) -> tuple[ItemVectors, np.ndarray | None]:
-    """(item vectors, engagement biases or None) from ITEMS_FILE's tensors, for a catalog of
-    `size` items; ValueError if malformed."""
-    expected = {RATING_FACTORS} | ({ENGAGEMENT_FACTORS, ENGAGEMENT_BIAS} if ENGAGEMENT_FACTORS in tensors or ENGAGEMENT_BIAS in tensors else set())
-    if set(tensors) != expected:
-        raise ValueError(f"expected tensors {sorted(expected)}, got {sorted(tensors)}")
-    for name, value in tensors.items():
-        if value.dtype != np.float32 or value.shape[0] != size or value.ndim != (1 if name == ENGAGEMENT_BIAS else 2):
-            raise ValueError(f"{name} must be float32 with {size} rows, got {value.dtype}{list(value.shape)}")
-        if not np.all(np.isfinite(value)):
-            raise ValueError(f"{name} holds non-finite values")
-    vectors = ItemVectors.from_factors(tensors[RATING_FACTORS], tensors.get(ENGAGEMENT_FACTORS))
-    return vectors, tensors.get(ENGAGEMENT_BIAS)
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def test_default_is_d_optimal_with_non_increasing_gains(shared_server, item_ids)
 
 
 def test_popular_follows_the_learned_popularity(shared_server, tiny_artifact, item_ids):
-    bias = load_artifact(tiny_artifact).onboarding_items[1]
+    bias = load_artifact(tiny_artifact).item_table.engagement_bias
     response = shared_server.stub.Onboard(_request(count=5, strategy=pb.ONBOARD_STRATEGY_POPULAR))
     expected = np.argsort(-np.asarray(bias, dtype=np.float64), kind="stable")[:5]
     assert [i.item_id for i in response.items] == [item_ids[r] for r in expected]
@@ -150,12 +150,18 @@ def test_bad_interactions_and_pools_name_every_field(shared_server, item_ids):
     assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.parametrize("missing", [O.PRIOR_FILE, O.ITEMS_FILE])
+@pytest.mark.parametrize("missing", ["prior", "item table"])
 def test_a_version_without_onboarding_data_is_failed_precondition(tiny_artifact, tmp_path, missing):
     copy = writable_copy(tiny_artifact, tmp_path / "repo" / "tiny" / "1")
-    (copy / missing).unlink()
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["files"] = [f for f in manifest["files"] if f["path"] != missing]
+    if missing == "prior":
+        gone = {O.PRIOR_FILE}
+    else:  # an artifact from before the item table: the fused graph alone serves it
+        gone = {manifest["item_table"]["file"], manifest["adapt_graph"]["onnx_file"], manifest["adapt_graph"]["torch_export_file"]}
+        del manifest["item_table"], manifest["adapt_graph"]
+    for name in gone:
+        (copy / name).unlink()
+    manifest["files"] = [f for f in manifest["files"] if f["path"] not in gone]
     (copy / "manifest.json").write_text(json.dumps(manifest, indent=1))
     reseal_manifest(copy)
     with ServerThread(make_config(tmp_path / "repo", model_name="tiny")) as server:
