@@ -15,36 +15,32 @@ vocabulary[i]; a multi-valued field takes its distinct values sorted as text, th
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
 import numpy as np
-from google.protobuf import json_format
 from safetensors.numpy import load as load_safetensors
 
 from service.errors import FieldViolation, InvalidArgument, echo, echo_key
-from warmstart import signature
+from warmstart import contract, onboarding, signature
+from warmstart.contract import ItemTable
 from warmstart.signature import SIGNATURE_FILE
 from warmstart.v1 import manifest_pb2 as pb
 
-MANIFEST_FILE = "manifest.json"
-MANIFEST_DIGEST_FILE = "manifest.sha256"  # the manifest's own sha256, in sha256sum format
-# Files beside the manifest that it cannot list: its digest, and its optional signature.
-UNLISTED_FILES = (MANIFEST_FILE, MANIFEST_DIGEST_FILE, signature.SIGNATURE_FILE)
-SUPPORTED_SCHEMA_VERSIONS = (pb.MANIFEST_SCHEMA_V1,)
-INPUT_NAMES = ("user_features", "support_items", "support_labels", "support_mask", "query_items")
-OUTPUT_NAMES = ("query_scores", "support_loss_before", "support_loss_after", "query_engagement")
-REQUIRED_OUTPUTS = ("query_scores", "support_loss_before", "support_loss_after")  # engagement: optional head
-CATALOG_TENSOR = "item_features"
+MANIFEST_FILE = contract.MANIFEST_FILE
+MANIFEST_DIGEST_FILE = contract.MANIFEST_DIGEST_FILE
+UNLISTED_FILES = contract.UNLISTED_FILES
+SUPPORTED_SCHEMA_VERSIONS = contract.SUPPORTED_SCHEMA_VERSIONS
+INPUT_NAMES = contract.INPUT_NAMES
+OUTPUT_NAMES = contract.OUTPUT_NAMES
+REQUIRED_OUTPUTS = contract.REQUIRED_OUTPUTS  # engagement: optional head
+CATALOG_TENSOR = contract.CATALOG_TENSOR
 
-PAD = 0  # no value in this slot
-OOV = 1  # a value outside the vocabulary
-FIRST_CODE = 2
+PAD = contract.PAD
+OOV = contract.OOV
+FIRST_CODE = contract.FIRST_CODE
 
 DType = Literal["int64", "float32"]
 _DTYPES: dict[int, DType] = {pb.INT64: "int64", pb.FLOAT32: "float32"}
@@ -103,6 +99,17 @@ class GraphMismatchError(ArtifactError):
     reason = "graph_mismatch"
 
 
+_BY_REASON: dict[str, type[ArtifactError]] = {
+    cls.reason: cls
+    for cls in (ManifestError, UnsupportedSchemaError, MissingFileError, ChecksumMismatchError, UnlistedFileError, ContentError)
+}
+
+
+def _refused(exc: contract.ContractError) -> ArtifactError:
+    """The service's error for a broken contract (its class labels the load-failure metric)."""
+    return _BY_REASON.get(exc.reason, ContentError)(exc.file, exc.problem)
+
+
 # ---------------------------------------------------------------------------------------
 # Feature encoding
 
@@ -120,23 +127,19 @@ class FieldCodec:
 
     @staticmethod
     def build(name: str, multi_valued: bool, width: int, offset: int, vocabulary: Sequence[str]) -> "FieldCodec":
-        index = {value: FIRST_CODE + i for i, value in enumerate(vocabulary)}
-        return FieldCodec(name, multi_valued, width, offset, tuple(vocabulary), index)
+        return FieldCodec(name, multi_valued, width, offset, tuple(vocabulary), contract.vocabulary_index(vocabulary))
 
     @property
     def num_codes(self) -> int:
         return FIRST_CODE + len(self.vocabulary)
 
     def parse(self, text: str, separator: str) -> tuple[str, ...]:
-        """Values in an attribute's text, as training's loaders read a table cell."""
-        if self.multi_valued:
-            return tuple(part.strip() for part in text.split(separator) if part.strip())
-        value = text.strip()
-        return (value,) if value else ()
+        """Values in an attribute's text (warmstart.contract.parse_values)."""
+        return contract.parse_values(text, separator, self.multi_valued)
 
     def codes(self, values: Sequence[str]) -> list[int]:
         """Codes of the distinct values sorted as text, at most `width` of them."""
-        return [self.index.get(v, OOV) for v in sorted(set(values))][: self.width]
+        return contract.field_codes(self.index, values, self.width)
 
 
 class FeatureEncoder:
@@ -286,6 +289,14 @@ class Artifact:
     label: LabelRange
     inputs: tuple[TensorSignature, ...]
     outputs: tuple[TensorSignature, ...]
+    # Every catalog item's scoring vectors (None in artifacts from before the table, and for
+    # models without one: those rank the catalog through the fused graph).
+    item_table: ItemTable | None = None
+    adapt_inputs: tuple[TensorSignature, ...] = ()  # the adapt graph's (present with the item table)
+    adapt_outputs: tuple[TensorSignature, ...] = ()
+    # The user's prior precision per head for the Onboard RPC (warmstart.onboarding.PRIOR_FILE);
+    # None for a version exported without it.
+    onboarding_prior: onboarding.Prior | None = None
 
     @property
     def model_name(self) -> str:
@@ -311,8 +322,22 @@ class Artifact:
         return "query_engagement" in self.output_names
 
     @property
+    def adapt_output_names(self) -> tuple[str, ...]:
+        """The adapt graph's outputs, in contract order (what engines return, positionally)."""
+        present = {t.name for t in self.adapt_outputs}
+        return tuple(n for n in contract.ADAPT_OUTPUT_NAMES if n in present)
+
+    @property
     def onnx_path(self) -> Path:
         return self.path / self.manifest.graph.onnx_file
+
+    @property
+    def adapt_onnx_path(self) -> Path:
+        return self.path / self.manifest.adapt_graph.onnx_file
+
+    @property
+    def adapt_torch_export_path(self) -> Path:
+        return self.path / self.manifest.adapt_graph.torch_export_file
 
     @property
     def torch_export_path(self) -> Path:
@@ -328,6 +353,13 @@ class Artifact:
         """
         _compare_signatures(file, "input", self.inputs, inputs, extra_inputs_ok)
         _compare_signatures(file, "output", self.outputs, outputs, False)
+
+    def check_adapt_graph(
+        self, file: str, inputs: Sequence[TensorSignature], outputs: Sequence[TensorSignature], extra_inputs_ok: bool = False
+    ) -> None:
+        """check_graph for the adapt graph, against the manifest's adapt_graph."""
+        _compare_signatures(file, "input", self.adapt_inputs, inputs, extra_inputs_ok)
+        _compare_signatures(file, "output", self.adapt_outputs, outputs, False)
 
 
 def _compare_signatures(
@@ -362,7 +394,11 @@ def load_artifact(path: Path, trusted_keys: Sequence | None = None) -> Artifact:
     label = _label(manifest.label)
     inputs, outputs = _graph_signatures(manifest, encoder)
     catalog = _catalog(path, manifest, encoder)
-    return Artifact(path, manifest, encoder, catalog, label, inputs, outputs)
+    item_table = _item_table(path, manifest, catalog, "query_engagement" in {t.name for t in outputs})
+    adapt_inputs, adapt_outputs = _adapt_signatures(manifest, encoder, item_table)
+    return Artifact(
+        path, manifest, encoder, catalog, label, inputs, outputs, item_table, adapt_inputs, adapt_outputs, _onboarding_prior(path, manifest)
+    )
 
 
 def read_manifest(path: Path, trusted_keys: Sequence | None = None) -> pb.ArtifactManifest:
@@ -375,43 +411,13 @@ def read_manifest(path: Path, trusted_keys: Sequence | None = None) -> pb.Artifa
         raise MissingFileError(MANIFEST_FILE, f"no manifest in {path}") from None
     except OSError as exc:
         raise ManifestError(MANIFEST_FILE, f"unreadable: {exc}") from exc
-    _check_manifest_digest(path, data)
-    if trusted_keys is not None:
-        _check_signature(path, data, trusted_keys)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ManifestError(MANIFEST_FILE, f"unreadable: {exc}") from exc
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ManifestError(MANIFEST_FILE, f"not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ManifestError(MANIFEST_FILE, "not a JSON object")
-    version = raw.get("schema_version", raw.get("schemaVersion"))
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
-        supported = ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS)
-        raise UnsupportedSchemaError(MANIFEST_FILE, f"schema_version {version!r} is not supported (this server reads {supported})")
-    try:
-        return json_format.ParseDict(raw, pb.ArtifactManifest())
-    except json_format.ParseError as exc:
-        raise ManifestError(MANIFEST_FILE, f"does not match ArtifactManifest: {exc}") from exc
-
-
-def _check_manifest_digest(path: Path, manifest_bytes: bytes) -> None:
-    """The manifest's bytes must match manifest.sha256 (`<hex>  manifest.json`)."""
-    try:
-        line = (path / MANIFEST_DIGEST_FILE).read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        raise MissingFileError(MANIFEST_DIGEST_FILE, "the manifest's digest file is missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(MANIFEST_DIGEST_FILE, f"unreadable: {exc}") from exc
-    parts = line.split()
-    if len(parts) != 2 or parts[1].lstrip("*") != MANIFEST_FILE or len(parts[0]) != 64:
-        raise ManifestError(MANIFEST_DIGEST_FILE, f"expected '<sha256>  {MANIFEST_FILE}', got {line[:100]!r}")
-    digest = hashlib.sha256(manifest_bytes).hexdigest()
-    if digest != parts[0].lower():
-        raise ChecksumMismatchError(MANIFEST_FILE, f"sha256 {digest} does not match {MANIFEST_DIGEST_FILE} ({parts[0]})")
+        contract.check_manifest_digest(path, data)
+        if trusted_keys is not None:
+            _check_signature(path, data, trusted_keys)
+        return contract.parse_manifest(data)
+    except contract.ContractError as exc:
+        raise _refused(exc) from exc
 
 
 def _check_signature(path: Path, manifest_bytes: bytes, trusted_keys: Sequence) -> None:
@@ -427,52 +433,15 @@ def _check_signature(path: Path, manifest_bytes: bytes, trusted_keys: Sequence) 
         raise SignatureRefusedError(SIGNATURE_FILE, str(exc)) from exc
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_file = contract.sha256_file
 
 
 def verify_files(path: Path, manifest: pb.ArtifactManifest) -> None:
     """Every listed file exists with its size and sha256; no other file is there."""
-    root = path.resolve()
-    listed: set[str] = set()
-    for entry in manifest.files:
-        relative = _safe_relative(entry.path)
-        if relative in listed:
-            raise ManifestError(MANIFEST_FILE, f"lists {relative!r} twice")
-        listed.add(relative)
-        file = path / relative
-        if not file.resolve().is_relative_to(root):
-            raise ManifestError(MANIFEST_FILE, f"{relative!r} resolves outside the artifact")
-        if not file.is_file():
-            raise MissingFileError(relative, "listed in the manifest but missing")
-        size = file.stat().st_size
-        if size != entry.size_bytes:
-            raise ChecksumMismatchError(relative, f"size {size} bytes, the manifest says {entry.size_bytes}")
-        digest = sha256_file(file)
-        if digest != entry.sha256.lower():
-            raise ChecksumMismatchError(relative, f"sha256 {digest} does not match the manifest's {entry.sha256}")
-    # os.walk does not enter linked directories but names them: every entry is seen.
-    for directory, subdirectories, files in os.walk(path):
-        for name in sorted(subdirectories + files):
-            entry = Path(directory) / name
-            relative = entry.relative_to(path).as_posix()
-            if entry.is_symlink():
-                raise UnlistedFileError(relative, "a symbolic link: an artifact holds plain files and directories only")
-            if name in files and relative not in UNLISTED_FILES and relative not in listed:
-                raise UnlistedFileError(relative, "present in the artifact but not listed in the manifest")
-
-
-def _safe_relative(text: str) -> str:
-    relative = PurePosixPath(text)
-    if not text or relative.is_absolute() or ".." in relative.parts or "\\" in text:
-        raise ManifestError(MANIFEST_FILE, f"file path {text!r} must be relative and inside the artifact")
-    if relative.as_posix() == MANIFEST_FILE:
-        raise ManifestError(MANIFEST_FILE, "lists manifest.json itself")
-    return relative.as_posix()
+    try:
+        contract.verify_files(path, manifest)
+    except contract.ContractError as exc:
+        raise _refused(exc) from exc
 
 
 def _listed(manifest: pb.ArtifactManifest, relative: str, what: str) -> str:
@@ -482,17 +451,11 @@ def _listed(manifest: pb.ArtifactManifest, relative: str, what: str) -> str:
 
 
 def _read_lines(path: Path, relative: str) -> list[str]:
-    """One value per line, as export writes them (split on "\\n" only: values may hold other
-    Unicode line separators)."""
+    """One value per line, by the contract's one rule (warmstart.contract.parse_lines)."""
     try:
-        text = (path / relative).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ContentError(relative, f"not UTF-8: {exc}") from exc
-    if not text:
-        return []
-    if not text.endswith("\n"):
-        raise ContentError(relative, "the last line has no line break (truncated?)")
-    return text[:-1].split("\n")
+        return contract.parse_lines((path / relative).read_bytes(), relative)
+    except contract.ContractError as exc:
+        raise _refused(exc) from exc
 
 
 def _encoder(path: Path, manifest: pb.ArtifactManifest) -> FeatureEncoder:
@@ -548,22 +511,6 @@ def _label(spec: pb.LabelSpec) -> LabelRange:
     raise ManifestError(MANIFEST_FILE, f"label kind {spec.kind} is neither RATING nor CLICK")
 
 
-def _expected_shapes(encoder: FeatureEncoder) -> dict[str, tuple[DType, tuple[int | None, ...]]]:
-    """What the service feeds and reads: the graph contract in terms of the schema."""
-    item, user = encoder.item_width, encoder.user_width
-    return {
-        "user_features": ("int64", (None, user)),
-        "support_items": ("int64", (None, None, item)),
-        "support_labels": ("float32", (None, None)),
-        "support_mask": ("float32", (None, None)),
-        "query_items": ("int64", (None, None, item)),
-        "query_scores": ("float32", (None, None)),
-        "support_loss_before": ("float32", (None,)),
-        "support_loss_after": ("float32", (None,)),
-        "query_engagement": ("float32", (None, None)),
-    }
-
-
 def _signature(spec: pb.TensorSpec) -> TensorSignature:
     if spec.dtype not in _DTYPES:
         raise ManifestError(MANIFEST_FILE, f"graph tensor {spec.name!r} has dtype {spec.dtype}")
@@ -577,7 +524,7 @@ def _graph_signatures(
     graph = manifest.graph
     _listed(manifest, graph.onnx_file, "graph.onnx_file")
     _listed(manifest, graph.torch_export_file, "graph.torch_export_file")
-    expected = _expected_shapes(encoder)
+    expected = contract.graph_shapes(encoder.user_width, encoder.item_width)
     inputs = tuple(_signature(s) for s in graph.inputs)
     outputs = tuple(_signature(s) for s in graph.outputs)
     for kind, tensors, names, required in (
@@ -591,6 +538,37 @@ def _graph_signatures(
             if (tensor.dtype, tensor.shape) != expected[tensor.name]:
                 want = TensorSignature(tensor.name, *expected[tensor.name])
                 raise ManifestError(MANIFEST_FILE, f"graph {kind} {tensor.describe()}; the feature schema implies {want.describe()}")
+    return inputs, outputs
+
+
+def _adapt_signatures(
+    manifest: pb.ArtifactManifest, encoder: FeatureEncoder, table: ItemTable | None
+) -> tuple[tuple[TensorSignature, ...], tuple[TensorSignature, ...]]:
+    """The adapt graph's inputs and outputs; the graph comes with the item table or not at all."""
+    if not manifest.HasField("adapt_graph"):
+        if table is not None:
+            raise ManifestError(MANIFEST_FILE, "an item_table without the adapt_graph that scores against it")
+        return (), ()
+    if table is None:
+        raise ManifestError(MANIFEST_FILE, "an adapt_graph without the item_table it scores against")
+    graph = manifest.adapt_graph
+    _listed(manifest, graph.onnx_file, "adapt_graph.onnx_file")
+    _listed(manifest, graph.torch_export_file, "adapt_graph.torch_export_file")
+    expected = contract.graph_shapes(encoder.user_width, encoder.item_width, table.factors, table.engagement_width)
+    inputs = tuple(_signature(s) for s in graph.inputs)
+    outputs = tuple(_signature(s) for s in graph.outputs)
+    required_outputs = set(contract.adapt_output_names(table.has_engagement))
+    for kind, tensors, names, required in (
+        ("input", inputs, contract.ADAPT_INPUT_NAMES, {"support_items"}),
+        ("output", outputs, required_outputs, required_outputs),
+    ):
+        seen = [t.name for t in tensors]
+        if len(set(seen)) != len(seen) or not set(seen) <= set(names) or not required <= set(seen):
+            raise ManifestError(MANIFEST_FILE, f"adapt graph {kind}s {seen} must be distinct names among {sorted(names)}, with {sorted(required)}")
+        for tensor in tensors:
+            if (tensor.dtype, tensor.shape) != expected[tensor.name]:
+                want = TensorSignature(tensor.name, *expected[tensor.name])
+                raise ManifestError(MANIFEST_FILE, f"adapt graph {kind} {tensor.describe()}; the schema and item table imply {want.describe()}")
     return inputs, outputs
 
 
@@ -622,3 +600,37 @@ def _catalog(path: Path, manifest: pb.ArtifactManifest, encoder: FeatureEncoder)
     codes = np.ascontiguousarray(codes)
     codes.setflags(write=False)
     return Catalog(tuple(item_ids), codes, row_of)
+
+
+def _item_table(path: Path, manifest: pb.ArtifactManifest, catalog: Catalog, engagement: bool) -> ItemTable | None:
+    """The item table the manifest describes (rows = catalog rows), or None without one."""
+    if not manifest.HasField("item_table"):
+        return None
+    spec = manifest.item_table
+    file = _listed(manifest, spec.file, "item_table.file")
+    if spec.size != catalog.size:
+        raise ManifestError(MANIFEST_FILE, f"item_table.size {spec.size} differs from catalog.size {catalog.size}")
+    if spec.rating_factors < 1 or bool(spec.engagement_factors) != engagement:
+        raise ManifestError(
+            MANIFEST_FILE,
+            f"item_table has {spec.rating_factors} rating and {spec.engagement_factors} engagement factors "
+            f"for a model {'with' if engagement else 'without'} the engagement head",
+        )
+    try:
+        return contract.parse_item_table((path / file).read_bytes(), catalog.size, spec.rating_factors, spec.engagement_factors, file)
+    except contract.ContractError as exc:
+        raise _refused(exc) from exc
+
+
+def _onboarding_prior(path: Path, manifest: pb.ArtifactManifest) -> onboarding.Prior | None:
+    """The onboarding prior, when the version has one (checked like every listed file)."""
+    if not any(f.path == onboarding.PRIOR_FILE for f in manifest.files):
+        return None
+    try:
+        tensors = load_safetensors((path / onboarding.PRIOR_FILE).read_bytes())
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise ContentError(onboarding.PRIOR_FILE, f"not a readable safetensors file: {exc}") from exc
+    try:
+        return onboarding.prior_from_tensors(tensors)
+    except ValueError as exc:
+        raise ContentError(onboarding.PRIOR_FILE, str(exc)) from exc

@@ -11,6 +11,7 @@ Command line:
 
     python -m service.client recommend --target localhost:50051 --interaction i0050=5 --top-k 10
     python -m service.client score --target localhost:50051 --interaction i0050=5 --candidate i0001
+    python -m service.client onboard --target localhost:50051 --count 3 --interaction i0050=5
     python -m service.client model --target localhost:50051
     python -m service.client health --target localhost:50051
 
@@ -41,6 +42,13 @@ CandidateLike = str | pb.Candidate
 
 
 RANK_BY = {"auto": pb.RANK_BY_UNSPECIFIED, "engagement": pb.RANK_BY_ENGAGEMENT, "rating": pb.RANK_BY_PREDICTED_RATING}
+STRATEGIES = {
+    "auto": pb.ONBOARD_STRATEGY_UNSPECIFIED,
+    "dopt": pb.ONBOARD_STRATEGY_D_OPTIMAL,
+    "melu": pb.ONBOARD_STRATEGY_GRADIENT_POPULARITY,
+    "popular": pb.ONBOARD_STRATEGY_POPULAR,
+    "random": pb.ONBOARD_STRATEGY_RANDOM,
+}
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,33 @@ class RecommenderClient:
         _set_items(request.item_ids, request.items, items)
         return self._call(self._stub.Score, request, timeout_s)
 
+    def onboard(
+        self,
+        count: int = 3,
+        interactions: Iterable[InteractionLike] = (),
+        candidate_ids: Iterable[str] = (),
+        user_attributes: Mapping[str, str] | None = None,
+        exclude_item_ids: Iterable[str] = (),
+        strategy: str = "auto",
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.OnboardResponse:
+        """The `count` items to ask this user about next, best first (candidate_ids empty = the
+        catalog). strategy: "auto" (the model-based default, D-optimal), "dopt", "melu",
+        "popular" or "random". Send the answers as interactions for the next round."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+        request = pb.OnboardRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            user_attributes=dict(user_attributes or {}),
+            interactions=[_interaction(i) for i in interactions],
+            candidate_ids=list(candidate_ids),
+            count=count,
+            exclude_item_ids=list(exclude_item_ids),
+            strategy=STRATEGIES[strategy],
+        )
+        return self._call(self._stub.Onboard, request, timeout_s)
+
     def get_model(self, timeout_s: float | None = None) -> pb.ModelInfo:
         return self._call(self._stub.GetModel, pb.GetModelRequest(), timeout_s)
 
@@ -237,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rank-by", choices=sorted(RANK_BY), default="auto", help="order by engagement or predicted rating (default auto: engagement when the model has it)"
     )
     commands.add_parser("score", parents=[common, user], help="score the candidates, in order")
+    onboard = commands.add_parser("onboard", parents=[common, user], help="the items to ask a new user about next")
+    onboard.add_argument("--count", type=int, default=3, help="items to ask about (default 3)")
+    onboard.add_argument("--exclude", action="append", default=[], metavar="ITEM", help="never return this item (repeat)")
+    onboard.add_argument(
+        "--strategy", choices=sorted(STRATEGIES), default="auto", help="how to choose (default auto: D-optimal)"
+    )
     commands.add_parser("model", parents=[common], help="describe the model being served")
     health = commands.add_parser("health", parents=[common], help="grpc.health.v1 status")
     health.add_argument("--service", default="", help='service to check (default "": the server)')
@@ -282,6 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.exclude,
                         args.request_id,
                         rank_by=args.rank_by,
+                    )
+                elif args.command == "onboard":
+                    if attributes:
+                        raise SystemExit("onboard asks about catalog items: --item-attribute is not used")
+                    response = client.onboard(
+                        args.count, interactions, args.candidate, dict(args.user), args.exclude, args.strategy, args.request_id
                     )
                 else:
                     response = client.score(candidates, interactions, dict(args.user), args.request_id)

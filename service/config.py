@@ -102,7 +102,7 @@ class ServiceConfig:
     )
     queue_size: int = _option(256, "most requests waiting for a batch; beyond it requests get RESOURCE_EXHAUSTED", int, "N")
     max_in_flight: int = _option(
-        64, "most Recommend/Score calls in progress at once; beyond it calls get RESOURCE_EXHAUSTED at once", int, "N"
+        64, "most Recommend/Score/Onboard calls in progress at once; beyond it calls get RESOURCE_EXHAUSTED at once", int, "N"
     )
     max_pending_rpcs: int = _option(
         128,

@@ -21,16 +21,19 @@ from service.domain import (
     ItemList,
     ItemRole,
     ModelDescription,
+    OnboardQuery,
+    OnboardResult,
     RecommendQuery,
     ScoredItems,
     ScoreQuery,
     UnknownItem,
     UserContext,
 )
-from service.errors import FieldViolation, InvalidArgument, NotReady, echo
+from service.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotReady, echo
 from service.metrics import Metrics
 from service.padding import UserInputs, UserOutputs
 from service.repository import LoadedModel
+from warmstart import onboarding
 
 EXAMPLE_VALUES = 5  # vocabulary values GetModel shows per field
 FULL_SORT_MAX = 4096  # up to this many items a stable sort beats partitioning
@@ -49,7 +52,7 @@ class RequestLimits:
 
 
 class RecommenderCore:
-    """Recommend, Score and GetModel on domain objects."""
+    """Recommend, Score, Onboard and GetModel on domain objects."""
 
     def __init__(
         self,
@@ -122,6 +125,71 @@ class RecommenderCore:
             scores=output.query_scores,
             adaptation=self._summary(model, inputs, unknown, output),
             engagement=output.query_engagement,
+        )
+
+    async def onboard(self, query: OnboardQuery) -> OnboardResult:
+        """The items to ask the user about next, best first (warmstart.onboarding.select)."""
+        model = self._model()
+        tables = model.onboarding
+        if tables is None:
+            raise FailedPrecondition(
+                f"model version {model.version} cannot onboard: it was exported without the onboarding prior or "
+                "the item table (re-export it with this release)"
+            )
+        catalog = model.artifact.catalog
+        violations: list[FieldViolation] = []
+        if not 1 <= query.count <= self._limits.max_candidates:
+            violations.append(FieldViolation("count", f"must be in [1, {self._limits.max_candidates}], got {query.count}"))
+        if query.strategy == "popular" and tables.popularity is None:
+            violations.append(FieldViolation("strategy", "this model has no engagement head, so no learned popularity"))
+        pool = query.candidates
+        outside = [
+            FieldViolation(pool.id_path(k), f"{echo(item_id)} is not in the catalog (onboarding asks about catalog items)")
+            for k, item_id in enumerate(pool.ids[: self._limits.max_candidates + 1])
+            if item_id not in catalog.row_of
+        ]
+        if outside:  # before encoding, which would ask for the attributes of an unknown item
+            raise InvalidArgument(violations + outside + _duplicate_violations(pool))
+        # The knowledge weights come from the user's engagement logits, adapted to the answers
+        # so far: only the strategies that use them run the engine.
+        needs_engine = query.strategy in ("dopt", "melu") and model.artifact.has_engagement
+        encoded = self._encode(model, query.user, pool if pool else None, violations)
+        logits = None
+        if needs_engine:
+            output = await self._adapt(model, query.user, encoded)
+            logits = output.query_engagement
+        interactions = query.user.interactions
+        answered, engaged = [], []
+        click = model.artifact.label.kind == "click"
+        for item_id, label in zip(interactions.items.ids, interactions.labels):
+            row = catalog.row_of.get(item_id)
+            if row is not None:  # an item sent with inline attributes has no table row: it adapts the user only
+                answered.append(row)
+                engaged.append(label > 0.5 if click else True)
+        candidates = np.fromiter((catalog.row_of[i] for i in pool.ids), np.int64, len(pool)) if pool else None
+        popularity = None
+        if query.strategy == "popular":
+            popularity = tables.popularity if candidates is None else tables.popularity[candidates]
+        chosen = onboarding.select(
+            query.strategy,
+            tables.vectors,
+            tables.prior,
+            query.count,
+            candidates=candidates,
+            engagement_logits=logits,
+            popularity=popularity,
+            answered=np.array(answered, dtype=np.int64),
+            answered_engaged=np.array(engaged, dtype=bool),
+            excluded=np.fromiter((catalog.row_of[i] for i in query.exclude_item_ids if i in catalog.row_of), np.int64),
+        )
+        self._metrics.onboard(query.strategy, len(chosen.rows))
+        return OnboardResult(
+            request_id=query.user.request_id,
+            model_name=model.name,
+            model_version=model.version,
+            item_ids=[catalog.item_ids[r] for r in chosen.rows.tolist()],
+            reasons=chosen.reasons,
+            strategy=query.strategy,
         )
 
     def describe(self) -> ModelDescription:

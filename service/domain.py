@@ -102,6 +102,30 @@ class ScoreQuery:
     items: ItemList = field(default_factory=ItemList)
 
 
+OnboardStrategy = Literal["dopt", "melu", "popular", "random"]  # warmstart.onboarding.Strategy
+
+
+@dataclass(frozen=True)
+class OnboardQuery:
+    user: UserContext
+    candidates: ItemList = field(default_factory=lambda: ItemList(field="candidate_ids", bare_ids=True))  # empty = the catalog
+    count: int = 0  # items to ask about (>= 1)
+    exclude_item_ids: Sequence[str] = ()
+    strategy: OnboardStrategy = "dopt"
+
+
+@dataclass(frozen=True)
+class OnboardResult:
+    """The items to ask about, best first, with the strategy's reason score each."""
+
+    request_id: str
+    model_name: str
+    model_version: str
+    item_ids: Sequence[str]
+    reasons: np.ndarray  # (len(item_ids),) float64
+    strategy: OnboardStrategy
+
+
 @dataclass(slots=True)
 class UnknownItem:
     item_id: str

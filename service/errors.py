@@ -106,6 +106,13 @@ class DeadlineExpired(ServiceError):
     reject_reason = "deadline_exceeded"
 
 
+class FailedPrecondition(ServiceError):
+    """The request is well formed but the model being served cannot answer it (e.g. Onboard
+    on a version exported without what onboarding needs): not worth retrying as it is."""
+
+    reject_reason = "failed_precondition"
+
+
 class EngineFailure(ServiceError):
     """The engine raised while running a batch (already logged with its traceback)."""
 
@@ -117,6 +124,7 @@ _CODES: dict[type[ServiceError], grpc.StatusCode] = {
     NotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     EngineFailure: grpc.StatusCode.INTERNAL,
 }
 

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 QUEUE_WAIT_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ONBOARD_ITEMS_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100, 250, 1000)
 LOSS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 METRIC_NAMES = (
@@ -48,6 +49,8 @@ METRIC_NAMES = (
     "warmstart_model_load_failures_total",  # {reason}
     "warmstart_ready",  # 1 once a model is loaded and warmed up, 0 before and while shutting down
     "warmstart_gpu_memory_bytes",  # {kind="allocated"|"reserved"}, only on a GPU engine
+    "warmstart_onboard_asks_total",  # {strategy}: Onboard calls answered
+    "warmstart_onboard_items",  # histogram: items returned per Onboard call
 )
 
 
@@ -101,6 +104,10 @@ class Metrics:
         self._gpu_memory = Gauge(
             "warmstart_gpu_memory_bytes", "GPU memory held by the engine (of every worker)", ["kind"], registry=r, multiprocess_mode="livesum"
         )
+        self._onboard_asks = Counter("warmstart_onboard_asks_total", "Onboard calls answered, by strategy", ["strategy"], registry=r)
+        self._onboard_items = Histogram(
+            "warmstart_onboard_items", "Items returned per Onboard call", buckets=ONBOARD_ITEMS_BUCKETS, registry=r
+        )
         self._request_children: dict[tuple[str, str], Callable[[], None]] = {}
         self._latency_children: dict[str, Histogram] = {}
 
@@ -128,6 +135,11 @@ class Metrics:
         if math.isfinite(before) and math.isfinite(after):  # a NaN would poison the histograms' sums
             self._loss_before.observe(before)
             self._loss_after.observe(after)
+
+    def onboard(self, strategy: str, items: int) -> None:
+        """One Onboard call answered with `items` items."""
+        self._onboard_asks.labels(strategy=strategy).inc()
+        self._onboard_items.observe(items)
 
     def nonfinite_scores(self, count: int) -> None:
         self._nonfinite.inc(count)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from service.artifact import Artifact, ArtifactError, load_artifact
+from service.onboarding import OnboardingTables, onboarding_tables
 from service.config import ConfigError
 from service.engines import Engine, EngineConfig, create_engine
 from service.metrics import Metrics
@@ -68,6 +69,7 @@ class LoadedModel:
     engine: Engine
     buckets: ShapeBuckets
     load_seconds: float
+    onboarding: OnboardingTables | None = None  # what Onboard selects with; None: the version cannot onboard
 
     @property
     def name(self) -> str:
@@ -114,7 +116,11 @@ def load_model(path: Path, settings: ModelSettings, engine_factory: EngineFactor
         warm_up(engine, buckets, artifact, settings.warmup_batch_size)
     except Exception as exc:
         raise ModelLoadError(version, "warmup", f"warm-up failed: {exc}") from exc
-    return LoadedModel(artifact, engine, buckets, time.perf_counter() - started)
+    try:
+        onboarding = onboarding_tables(artifact)
+    except ValueError as exc:
+        raise ModelLoadError(version, "content", f"onboarding tables: {exc}") from exc
+    return LoadedModel(artifact, engine, buckets, time.perf_counter() - started, onboarding)
 
 
 def warm_up(engine: Engine, buckets: ShapeBuckets, artifact: Artifact, batch_size: int) -> None:

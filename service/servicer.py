@@ -31,6 +31,14 @@ _ROLES = {"interaction": pb.INTERACTION, "candidate": pb.CANDIDATE}
 _HANDLING = {"encoded_from_attributes": pb.ENCODED_FROM_ATTRIBUTES}
 _LABEL_KINDS = {"rating": manifest_pb2.RATING, "click": manifest_pb2.CLICK}
 _RANK_BY = {pb.RANK_BY_UNSPECIFIED: "auto", pb.RANK_BY_ENGAGEMENT: "engagement", pb.RANK_BY_PREDICTED_RATING: "rating"}
+_STRATEGIES = {
+    pb.ONBOARD_STRATEGY_UNSPECIFIED: "dopt",
+    pb.ONBOARD_STRATEGY_D_OPTIMAL: "dopt",
+    pb.ONBOARD_STRATEGY_GRADIENT_POPULARITY: "melu",
+    pb.ONBOARD_STRATEGY_POPULAR: "popular",
+    pb.ONBOARD_STRATEGY_RANDOM: "random",
+}
+_STRATEGY_VALUES = {name: value for value, name in _STRATEGIES.items() if value != pb.ONBOARD_STRATEGY_UNSPECIFIED}
 
 
 class RecommenderServicer:
@@ -62,6 +70,28 @@ class RecommenderServicer:
         _fill(response, result)
         return response
 
+    async def Onboard(self, request: pb.OnboardRequest, context: grpc.aio.ServicerContext) -> pb.OnboardResponse:
+        if request.strategy not in _STRATEGIES:
+            raise InvalidArgument.one("strategy", f"unknown value {request.strategy}; use one of {', '.join(pb.OnboardStrategy.keys())}")
+        query = domain.OnboardQuery(
+            user=_user(request, context),
+            candidates=domain.ItemList(list(request.candidate_ids), field="candidate_ids", bare_ids=True),
+            count=request.count,
+            exclude_item_ids=tuple(request.exclude_item_ids),
+            strategy=_STRATEGIES[request.strategy],  # type: ignore[arg-type]
+        )
+        result = await self._core.onboard(query)
+        response = pb.OnboardResponse(
+            request_id=result.request_id,
+            model_name=result.model_name,
+            model_version=result.model_version,
+            strategy=_STRATEGY_VALUES[result.strategy],
+        )
+        add = response.items.add
+        for item_id, reason in zip(result.item_ids, result.reasons.tolist()):
+            add(item_id=item_id, reason_score=reason)
+        return response
+
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         d = self._core.describe()
         return pb.ModelInfo(
@@ -87,7 +117,7 @@ def _rank_by(value: int) -> str:
     return _RANK_BY[value]
 
 
-def _user(request: pb.RecommendRequest | pb.ScoreRequest, context: grpc.aio.ServicerContext) -> domain.UserContext:
+def _user(request: pb.RecommendRequest | pb.ScoreRequest | pb.OnboardRequest, context: grpc.aio.ServicerContext) -> domain.UserContext:
     remaining = context.time_remaining()
     interactions = request.interactions
     # One pass: every access to a repeated message's element builds a new wrapper object.
@@ -235,13 +265,14 @@ def add_recommender(
     server: grpc.aio.Server, core: RecommenderCore, metrics: Metrics, max_message_bytes: int, max_in_flight: int
 ) -> Admission:
     """Registers warmstart.v1.Recommender on a server; returns its admission counter
-    (Recommend and Score beyond max_in_flight at once get RESOURCE_EXHAUSTED; GetModel is
-    counted but never refused)."""
+    (Recommend, Score and Onboard beyond max_in_flight at once get RESOURCE_EXHAUSTED; GetModel
+    is counted but never refused)."""
     servicer = RecommenderServicer(core)
     admission = Admission(max_in_flight)
     methods = {
         "Recommend": (pb.RecommendRequest, pb.RecommendResponse, servicer.Recommend, True),
         "Score": (pb.ScoreRequest, pb.ScoreResponse, servicer.Score, True),
+        "Onboard": (pb.OnboardRequest, pb.OnboardResponse, servicer.Onboard, True),
         "GetModel": (pb.GetModelRequest, pb.ModelInfo, servicer.GetModel, False),
     }
     handlers = {

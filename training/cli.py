@@ -188,6 +188,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.protocol == "topn":
         return cmd_evaluate_topn(args)
+    if args.protocol == "onboarding":
+        return cmd_evaluate_onboarding(args)
     if args.liked_threshold is not None:
         raise UsageError("--liked-threshold is for --protocol topn")
     args.methods = args.methods or DEFAULT_METHODS
@@ -329,6 +331,89 @@ def cmd_evaluate_topn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_onboarding(args: argparse.Namespace) -> int:
+    """evaluate --protocol onboarding: simulated onboarding of held-out users (training/onboarding_eval.py)."""
+    from training.onboarding_eval import (
+        DEFAULT_REFERENCE,
+        DEFAULT_STRATEGIES,
+        ONBOARDING_CUTOFF,
+        PROTOCOL_HELP,
+        STRATEGY_HELP,
+        onboarding_table,
+        parse_onboarding_sizes,
+        served_model_fitter,
+        simulate_onboarding,
+        summary,
+    )
+    from training.splits import load_or_make_splits
+
+    if args.liked_threshold is not None:
+        raise UsageError("--liked-threshold is for --protocol topn")
+    names = [m.strip() for m in (args.methods or ",".join(DEFAULT_STRATEGIES)).split(",") if m.strip()]
+    unknown = [n for n in names if n not in STRATEGY_HELP]
+    if unknown:
+        raise UsageError(f"--methods: unknown onboarding strategies {unknown}; choose from {', '.join(STRATEGY_HELP)}")
+    reference = args.reference or DEFAULT_REFERENCE
+    if reference not in names:
+        raise UsageError(f"--reference {reference} must be one of --methods")
+    try:
+        sizes = parse_onboarding_sizes(args.support_sizes or "3,5,10")
+    except ValueError as error:
+        raise UsageError(f"--support-sizes: {error}") from None
+    _set_threads(args)
+    _limit_blas_threads(args)
+    dataset = load_from_args(args)
+    train_config = train_config_from(args)
+    folds = _only_folds(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    for scenario in _scenarios(args.scenario):
+        if scenario != "new_users":
+            raise UsageError("--protocol onboarding simulates new users: use --scenario new_users")
+        protocol = _protocol(args, scenario)
+        splits = load_or_make_splits(dataset, protocol, args.out / "splits" / f"{dataset.name}-{scenario}-seed{args.seed}")
+        if folds is not None:
+            splits = [s for s in splits if s.fold in folds]
+        rows += simulate_onboarding(
+            dataset,
+            splits,
+            served_model_fitter(train_config, args.inner_steps),
+            names,
+            sizes,
+            progress=None if args.no_progress else (lambda message: log.info("onboarding: %s", message)),
+        )
+    with (args.out / "results.jsonl").open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    elapsed = time.perf_counter() - started
+    strategies = "\n".join(f"- `{n}`: {STRATEGY_HELP[n]}" for n in names)
+    tables = "\n\n".join(
+        f"## Protocol `{p}`: {PROTOCOL_HELP[p]}\n\n{onboarding_table([r for r in rows if r['protocol'] == p], reference)}"
+        for p in PROTOCOL_HELP
+        if any(r["protocol"] == p for r in rows)
+    )
+    report = args.out / "report.md"
+    report.write_text(
+        f"# warmstart simulated onboarding: {dataset.name}\n\n"
+        f"Dataset `{dataset.name}` ({len(dataset)} interactions, fingerprint `{dataset.fingerprint()[:12]}`); "
+        f"protocol seed {args.seed}, {args.folds} folds (run: {sorted({r['fold'] for r in rows})}), test users with "
+        f"{args.min_interactions}-{args.max_interactions} interactions and more distinct items than the largest K "
+        f"plus --query-size ({args.query_size}). Each strategy asks K items among items the user rated, from no "
+        f"interactions; the model adapts to the K answers; RMSE on the scored ratings, Recall@{ONBOARDING_CUTOFF} "
+        f"of the engagement ranking over the catalog minus the asked items (relevant: the scored items). 95% t "
+        f"intervals; differences paired per user against `{reference}`. Meta-training {asdict(train_config)}; "
+        f"wall time {elapsed:.0f} s.\n\n{strategies}\n\n{tables}\n",
+        encoding="utf-8",
+    )
+    (args.out / "summary.json").write_text(
+        json.dumps({"reference": reference, "rows": summary(rows, reference), "wall_time_s": elapsed}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    print(f"report: {report}")
+    return 0
+
+
 def _settings_table(settings: list[dict]) -> str:
     if not settings:
         return "No tuned method."
@@ -458,21 +543,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_arguments(p)
     p.add_argument(
         "--protocol",
-        choices=("rating", "topn"),
+        choices=("rating", "topn", "onboarding"),
         default="rating",
-        help="rating: predict each test user's query ratings; topn: rank the whole catalog for them (training/topn.py)",
+        help="rating: predict each test user's query ratings; topn: rank the whole catalog for them (training/topn.py); "
+        "onboarding: choose K items to ask each test user, then score the rest (training/onboarding_eval.py)",
     )
     p.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated (default: {DEFAULT_METHODS}; topn: {DEFAULT_TOPN_METHODS})",
+        help=f"comma-separated (default: {DEFAULT_METHODS}; topn: {DEFAULT_TOPN_METHODS}; onboarding: random,popular,melu,dopt)",
     )
     p.add_argument(
         "--reference",
         default=None,
-        help=f"method every other is compared with (paired 95%% CI; default: baseline_only; topn: {DEFAULT_TOPN_REFERENCE})",
+        help=f"method every other is compared with (paired 95%% CI; default: baseline_only; topn: {DEFAULT_TOPN_REFERENCE}; onboarding: popular)",
     )
-    p.add_argument("--support-sizes", default=None, help="support sizes K to evaluate at (default: 1,3,5,10,20,all; topn: 0,1,3,5,10,20)")
+    p.add_argument("--support-sizes", default=None, help="support sizes K to evaluate at (default: 1,3,5,10,20,all; topn: 0,1,3,5,10,20; onboarding: items asked, 3,5,10)")
     p.add_argument(
         "--liked-threshold",
         type=float,

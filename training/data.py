@@ -22,6 +22,7 @@ import numpy as np
 
 from training.dataset import AttributeField, AttributeTable, DataError, Dataset, LabelSpec
 from training.synthetic import generate_synthetic
+from warmstart.contract import parse_values
 
 log = logging.getLogger("training.data")
 
@@ -345,8 +346,7 @@ class _Known:
 
 def _one(value: str) -> tuple[str, ...]:
     """A single-valued attribute; an empty cell is a missing value."""
-    value = value.strip()
-    return (value,) if value else ()
+    return parse_values(value, "", multi_valued=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -545,10 +545,7 @@ def _generic_attributes(path: Path, id_column: str, multi_valued: set[str], sepa
     for line, row in rows:
         values: dict[str, tuple[str, ...]] = {}
         for spec, cell in zip(fields, row[1:]):
-            if spec.multi_valued:
-                values[spec.name] = tuple(part.strip() for part in cell.split(separator) if part.strip())
-            else:
-                values[spec.name] = _one(cell)
+            values[spec.name] = parse_values(cell, separator, spec.multi_valued)  # as the service parses inline attributes
         builder.add(line, row[0], values)
     return builder.finish()
 

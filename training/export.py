@@ -8,9 +8,20 @@ The artifact is the directory `<repository>/<model_name>/<version>/`:
     model.onnx             the fused adapt-then-score graph (inner loop unrolled inside)
     torch_program.safetensors  the same graph as a torch.export program (the torch engine),
                            stored without pickle (warmstart.torch_program)
+    adapt.onnx             the adapt step alone (support in, adapted user parameters out)
+    adapt_program.safetensors  the same as a torch.export program
+    item_table.safetensors every catalog item's scoring vectors (warmstart.contract.ItemTable)
     catalog.safetensors    "item_features": int64 [items, item_width], known items encoded
     catalog_items.txt      their ids, one per line, in row order
     vocab/<field>.txt      vocabularies too large to sit in the manifest
+    onboarding_prior.safetensors  bias_factor models: the user's prior precision per head,
+                           for the Onboard RPC's selection (warmstart.onboarding), which
+                           takes the item vectors from the item table
+
+(adapt graph and item table for bias_factor models: an mlp model's scores are no product
+of an item vector with a user vector, and it is served by the fused graph alone). File
+names, tensor names, the manifest's JSON form and digests, line files and the field codec
+are warmstart.contract's, which the service reads through.
 
 How the inner loop gets into a graph: the loop is written with torch.func (grad inside
 vmap). Exporting torch.func.grad directly fails, so the fused function is first traced
@@ -20,7 +31,8 @@ into buffers, is then exported by torch.export and by torch.onnx (dynamo).
 
 Before anything is written the three implementations — training's own inner loop,
 onnxruntime on the ONNX graph, and the torch.export program — must agree to 1e-4 on
-random batches of several shapes. The directory is assembled under a temporary name and
+random batches of several shapes (the adapt graph's too), and the item table's scores,
+for users adapted by the adapt ONNX graph, must equal the fused ONNX graph's to 1e-5. The directory is assembled under a temporary name and
 renamed into place, so an interrupted export leaves no version a server could load.
 """
 
@@ -29,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +56,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from google.protobuf import json_format
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -53,25 +64,34 @@ from training import model as M
 from training.batching import EncodedCatalog
 from training.dataset import LabelSpec
 from training.features import FeatureSchema, Field
-from training.inner_loop import Batch, InnerLoopConfig
-from training.trainer import AdaptedModel
+from training.inner_loop import Batch, InnerLoopConfig, adapt_users
+from training.onboarding import onboarding_prior
+from training.trainer import AdaptedModel, loss_kind_of
+from warmstart import contract as C, onboarding
 from warmstart.torch_program import load_program, save_program
 from warmstart.v1 import manifest_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-INPUT_NAMES = ("user_features", "support_items", "support_labels", "support_mask", "query_items")
-OUTPUT_NAMES = ("query_scores", "support_loss_before", "support_loss_after")
-ENGAGEMENT_OUTPUT = "query_engagement"  # a fourth output, for models with the engagement head
+INPUT_NAMES = C.INPUT_NAMES
+OUTPUT_NAMES = C.REQUIRED_OUTPUTS
+ENGAGEMENT_OUTPUT = C.ENGAGEMENT_OUTPUT  # a fourth output, for models with the engagement head
+TORCH_PROGRAM_FILE = C.TORCH_PROGRAM_FILE
 
 
 def output_names(adapted: AdaptedModel) -> tuple[str, ...]:
-    """The graph's outputs for this model, in order."""
-    return (*OUTPUT_NAMES, ENGAGEMENT_OUTPUT) if adapted.model_config.engagement_factors else OUTPUT_NAMES
+    """The fused graph's outputs for this model, in order."""
+    return C.fused_output_names(bool(adapted.model_config.engagement_factors))
+
+
+def adapt_output_names(adapted: AdaptedModel) -> tuple[str, ...]:
+    """The adapt graph's outputs for this model, in order."""
+    return C.adapt_output_names(bool(adapted.model_config.engagement_factors))
+
+
 TOLERANCE = 1e-4
 INLINE_VOCABULARY_MAX = 1000  # larger vocabularies go to vocab/<field>.txt
 ONNX_OPSET = 18
-TORCH_PROGRAM_FILE = "torch_program.safetensors"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -115,31 +135,12 @@ class _Fused(torch.nn.Module):
 
 def random_batch(schema: FeatureSchema, shape: CheckShape, rng: np.random.Generator, label: LabelSpec) -> Batch:
     """Random codes within each field's range (padding and out-of-vocabulary included)."""
-
-    def codes(fields: Sequence[Field], lead: tuple[int, ...]) -> torch.Tensor:
-        width = sum(f.width for f in fields)
-        out = np.zeros((*lead, width), dtype=np.int64)
-        for f in fields:
-            out[..., f.offset : f.offset + f.width] = rng.integers(0, f.num_codes, size=(*lead, f.width))
-        return torch.from_numpy(out)
-
     b, s, q = shape.batch, shape.support, shape.query
-    if label.kind == "click":
-        labels = rng.integers(0, 2, size=(b, s)).astype(np.float32)
-    else:
-        labels = rng.uniform(label.min_value, label.max_value, size=(b, s)).astype(np.float32)
-    mask = np.ones((b, s), dtype=np.float32)
-    if shape.ragged:
-        lengths = rng.integers(0, s + 1, size=b)
-        lengths[0] = 0  # one user with no interactions at all
-        mask = (np.arange(s)[None, :] < lengths[:, None]).astype(np.float32)
-    return Batch(
-        user_features=codes(schema.user_fields, (b,)),
-        support_items=codes(schema.item_fields, (b, s)),
-        support_labels=torch.from_numpy(labels),
-        support_mask=torch.from_numpy(mask),
-        query_items=codes(schema.item_fields, (b, q)),
-    )
+    user_features = C.random_codes(schema.user_fields, schema.user_width, (b,), rng)
+    support_items = C.random_codes(schema.item_fields, schema.item_width, (b, s), rng)
+    labels, mask = C.random_support(b, s, "click" if label.kind == "click" else "rating", label.min_value, label.max_value, rng, shape.ragged)
+    query_items = C.random_codes(schema.item_fields, schema.item_width, (b, q), rng)
+    return Batch(*(torch.from_numpy(a) for a in (user_features, support_items, labels, mask, query_items)))
 
 
 def trace(adapted: AdaptedModel) -> _Fused:
@@ -155,6 +156,49 @@ def trace(adapted: AdaptedModel) -> _Fused:
     example = random_batch(adapted.schema, CheckShape(3, 4, 5, ragged=False), np.random.default_rng(0), adapted.label)
     traced = make_fx(flat, tracing_mode="symbolic")(*[adapted.params[n] for n in names], *example)
     return _Fused(traced, adapted.params)
+
+
+class _Adapt(torch.nn.Module):
+    """The traced adapt step (support only) with the parameters held as buffers."""
+
+    def __init__(self, traced: torch.nn.Module, params: M.Params) -> None:
+        super().__init__()
+        self.traced = traced
+        self.names = list(params)
+        for i, name in enumerate(self.names):
+            self.register_buffer(f"p{i}", params[name].detach().clone())
+
+    def forward(self, user_features, support_items, support_labels, support_mask):
+        buffers = [getattr(self, f"p{i}") for i in range(len(self.names))]
+        return self.traced(*buffers, user_features, support_items, support_labels, support_mask)
+
+
+def adapt_outputs(adapted: AdaptedModel, batch: Batch) -> tuple[torch.Tensor, ...]:
+    """The adapt graph's outputs computed by training's adapt step: user bias (B,), user
+    factors (B, d), [user engagement factors (B, e)], support loss before and after (B,)."""
+    users = adapt_users(adapted.model_config, adapted.inner_config, adapted.schema, adapted.params, batch, loss_kind_of(adapted.label))
+    head = (users.engagement_user,) if users.engagement_user is not None else ()
+    return (users.user_params["user.bias"], users.user_params["user.factors"], *head, users.support_loss_before, users.support_loss_after)
+
+
+def trace_adapt(adapted: AdaptedModel) -> _Adapt:
+    """make_fx over the adapt step alone (the query items are never read)."""
+    names = list(adapted.params)
+
+    def flat(*args: torch.Tensor):
+        params = dict(zip(names, args[: len(names)]))
+        model = AdaptedModel(adapted.model_config, adapted.inner_config, adapted.schema, adapted.label, params)
+        return adapt_outputs(model, Batch(*args[len(names) :], None))
+
+    example = random_batch(adapted.schema, CheckShape(3, 4, 5, ragged=False), np.random.default_rng(0), adapted.label)
+    traced = make_fx(flat, tracing_mode="symbolic")(*[adapted.params[n] for n in names], *example[:4])
+    return _Adapt(traced, adapted.params)
+
+
+def _adapt_dynamic_shapes() -> dict:
+    shapes = _dynamic_shapes()
+    del shapes["query_items"]
+    return shapes
 
 
 def _dynamic_shapes() -> dict:
@@ -209,12 +253,53 @@ def verify(
     return checks
 
 
-def _onnx_export(program: torch.export.ExportedProgram, outputs: Sequence[str]):
-    """ONNX from the already exported program (one torch.export, not two)."""
+def verify_adapt(
+    adapted: AdaptedModel,
+    onnx_path: Path,
+    program: torch.export.ExportedProgram,
+    shapes: Sequence[CheckShape] = CHECK_SHAPES,
+    seed: int = 3,
+) -> list[pb.ExportCheck]:
+    """verify() for the adapt graph: onnxruntime and torch.export against training's adapt step."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_inputs = {i.name for i in session.get_inputs()}
+    module = program.module()
+    rng = np.random.default_rng(seed)
+    checks = []
+    for shape in shapes:
+        batch = random_batch(adapted.schema, shape, rng, adapted.label)
+        support = tuple(batch[:4])
+        with torch.no_grad():
+            reference = [t.numpy() for t in adapt_outputs(adapted, batch)]
+            exported = [t.detach().numpy() for t in module(*support)]
+        feeds = {name: t.numpy() for name, t in zip(C.ADAPT_INPUT_NAMES, support) if name in onnx_inputs}
+        from_onnx = session.run(list(adapt_output_names(adapted)), feeds)
+        if not all(np.all(np.isfinite(x)) for x in (*reference, *from_onnx, *exported)):
+            raise ExportError(f"non-finite adapt outputs at {shape.describe()}")
+        checks.append(
+            pb.ExportCheck(
+                shape=f"adapt {shape.describe()}",
+                max_abs_diff_onnx=max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(reference, from_onnx)),
+                max_abs_diff_torch_export=max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(reference, exported)),
+            )
+        )
+    return checks
+
+
+def _onnx_export(program: torch.export.ExportedProgram, outputs: Sequence[str], inputs: Sequence[str] = INPUT_NAMES):
+    """ONNX from the already exported program (one torch.export, not two).
+
+    The nodes' provenance records ("from_node") are dropped first: the ONNX exporter's
+    decomposition deep-copies them, and after a training run in the same process that
+    copy failed inside torch (AttributeError on NodeSource); nothing reads them."""
+    for node in program.graph.nodes:
+        node.meta.pop("from_node", None)
     return torch.onnx.export(
         program,
         dynamo=True,
-        input_names=list(INPUT_NAMES),
+        input_names=list(inputs),
         output_names=list(outputs),
         opset_version=ONNX_OPSET,
         verbose=False,
@@ -239,12 +324,7 @@ def _quiet_exporters():
             lg.setLevel(level)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_file = C.sha256_file
 
 
 def next_version(model_dir: Path) -> str:
@@ -284,6 +364,27 @@ def graph_spec(schema: FeatureSchema, onnx_inputs: Sequence[str], engagement: bo
     )
 
 
+def adapt_graph_spec(schema: FeatureSchema, onnx_inputs: Sequence[str], factors: int, engagement_factors: int) -> pb.GraphSpec:
+    """The adapt graph's GraphSpec: the fused graph's support inputs, the adapted user parameters out."""
+    fused = graph_spec(schema, list(C.ADAPT_INPUT_NAMES))
+    outputs = [
+        _tensor_spec("user_bias", pb.FLOAT32, ["batch"], "adapted user bias"),
+        _tensor_spec("user_factors", pb.FLOAT32, ["batch", factors], "adapted user factors (dot rating_factors)"),
+    ]
+    if engagement_factors:
+        outputs.append(
+            _tensor_spec(C.ADAPT_ENGAGEMENT_OUTPUT, pb.FLOAT32, ["batch", engagement_factors], "adapted engagement factors phi")
+        )
+    outputs.extend(fused.outputs[1:3])  # the support losses
+    return pb.GraphSpec(
+        onnx_file=C.ADAPT_ONNX_FILE,
+        torch_export_file=C.ADAPT_TORCH_PROGRAM_FILE,
+        onnx_opset=ONNX_OPSET,
+        inputs=[i for i in fused.inputs if i.name in onnx_inputs],
+        outputs=outputs,
+    )
+
+
 def _feature_schema(schema: FeatureSchema, out_dir: Path) -> pb.FeatureSchema:
     fields = []
     for f in (*schema.user_fields, *schema.item_fields):
@@ -300,7 +401,7 @@ def _feature_schema(schema: FeatureSchema, out_dir: Path) -> pb.FeatureSchema:
         else:
             relative = f"vocab/{f.side}.{f.name}.txt"
             (out_dir / "vocab").mkdir(exist_ok=True)
-            _write_lines(out_dir / relative, f.vocabulary)
+            C.write_lines(out_dir / relative, f.vocabulary)
             field.vocabulary_file = relative
         fields.append(field)
     id_field = schema.item_id_field
@@ -313,11 +414,125 @@ def _feature_schema(schema: FeatureSchema, out_dir: Path) -> pb.FeatureSchema:
     )
 
 
-def _write_lines(path: Path, values: Sequence[str]) -> None:
-    for value in values:
-        if "\n" in value or "\r" in value:
-            raise ExportError(f"value {value!r} contains a line break and cannot be written to {path.name}")
-    path.write_text("".join(f"{v}\n" for v in values), encoding="utf-8")
+TABLE_TOLERANCE = 1e-5  # item-table scores against the fused graph's (label units and engagement logits)
+TABLE_CHECK_SHAPES = (CheckShape(1, 1, 7, ragged=False), CheckShape(5, 9, 23, ragged=True), CheckShape(16, 30, 100, ragged=True))
+
+
+def has_item_table(adapted: AdaptedModel) -> bool:
+    """Whether the model's scores are a product of an item vector with a user vector (the
+    bias_factor model); an mlp model is served by its fused graph only."""
+    return adapted.model_config.kind == "bias_factor"
+
+
+@torch.no_grad()
+def compute_item_table(adapted: AdaptedModel, item_codes: torch.Tensor) -> C.ItemTable:
+    """Every item's scoring vectors from its encoded row (N, item_width), by the trained
+    item side: the same item_repr / item_engagement the graphs compute per call."""
+    if not has_item_table(adapted):
+        raise ExportError(f"a {adapted.model_config.kind} model has no item table")
+    params, config, schema = adapted.params, adapted.model_config, adapted.schema
+    bias, factors = M.item_repr(config, schema, params, item_codes)  # (N,), (N, d)
+    table = dict(
+        rating_offset=float(params["mu"]),
+        rating_bias=bias.float().numpy(),
+        rating_factors=factors.float().numpy(),
+    )
+    if config.engagement_factors:
+        c, p = M.item_engagement(config, schema, params, item_codes)  # (N,), (N, e)
+        table.update(
+            engagement_bias=c.float().numpy(),
+            engagement_factors=p.float().numpy(),
+            engagement_scale=float(torch.exp(params["eng.log_scale"])),
+        )
+    return C.ItemTable(**table)
+
+
+def _table_batch(
+    schema: FeatureSchema,
+    shape: CheckShape,
+    rng: np.random.Generator,
+    label: LabelSpec,
+    catalog_rows: torch.Tensor,
+    pool: np.ndarray | None = None,
+):
+    """A random batch whose query items are catalog rows (their indices too), drawn from
+    `pool` (default: every row)."""
+    batch = random_batch(schema, shape, rng, label)
+    pool = np.arange(len(catalog_rows)) if pool is None else np.asarray(pool, dtype=np.int64)
+    rows = torch.from_numpy(pool[rng.integers(0, len(pool), size=(shape.batch, shape.query))])
+    return batch._replace(query_items=catalog_rows[rows]), rows.numpy()
+
+
+def check_item_table(
+    adapted: AdaptedModel,
+    directory: Path,
+    table: C.ItemTable,
+    catalog_rows: torch.Tensor,
+    seed: int = 2,
+    pool: np.ndarray | None = None,
+) -> float:
+    """Largest difference between the fused ONNX graph's query outputs (label units, and
+    engagement logits) and what serving computes instead: the adapt ONNX graph's users
+    scored against the table, on the same catalog rows (drawn from `pool`, default all);
+    raises ExportError above TABLE_TOLERANCE."""
+    import onnxruntime as ort
+
+    if len(catalog_rows) == 0:
+        return 0.0
+    fused_session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    adapt_session = ort.InferenceSession(str(directory / C.ADAPT_ONNX_FILE), providers=["CPUExecutionProvider"])
+    fused_inputs = {i.name for i in fused_session.get_inputs()}
+    adapt_inputs = {i.name for i in adapt_session.get_inputs()}
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for shape in TABLE_CHECK_SHAPES:
+        batch, rows = _table_batch(adapted.schema, shape, rng, adapted.label, catalog_rows, pool)
+        fused = fused_session.run(list(output_names(adapted)), {n: t.numpy() for n, t in zip(INPUT_NAMES, batch) if n in fused_inputs})
+        users = adapt_session.run(
+            list(adapt_output_names(adapted)), {n: t.numpy() for n, t in zip(C.ADAPT_INPUT_NAMES, batch) if n in adapt_inputs}
+        )
+        worst = max(worst, _table_difference(adapted, table, users, rows, fused))
+    if worst > TABLE_TOLERANCE:
+        raise ExportError(f"the item table's scores differ from the fused graph's by up to {worst:.2e} (tolerance {TABLE_TOLERANCE:.0e})")
+    return worst
+
+
+def _table_difference(
+    adapted: AdaptedModel, table: C.ItemTable, users: Sequence[np.ndarray], rows: np.ndarray, fused: Sequence[np.ndarray]
+) -> float:
+    """users: the adapt graph's outputs (user bias, user factors, [user engagement], losses)."""
+    label = adapted.label
+    worst = 0.0
+    for u in range(rows.shape[0]):
+        raw = C.rating_scores(table, float(users[0][u]), users[1][u], rows[u])
+        scores = C.to_label_units(raw, label.kind, label.min_value, label.max_value)
+        worst = max(worst, float(np.max(np.abs(scores - fused[0][u]))))
+        if table.has_engagement:
+            engagement = C.engagement_scores(table, users[2][u], rows[u])
+            worst = max(worst, float(np.max(np.abs(engagement - fused[3][u]))))
+    return worst
+
+
+def _onnx_input_names(path: Path) -> list[str]:
+    import onnx
+
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+
+
+def _export_adapt_graph(adapted: AdaptedModel, directory: Path) -> list[pb.ExportCheck]:
+    """Writes the adapt graph (ONNX and torch program) into `directory` and returns its
+    agreement checks; refuses like the fused graph does."""
+    module = trace_adapt(adapted)
+    example = random_batch(adapted.schema, CheckShape(2, 3, 4, ragged=True), np.random.default_rng(1), adapted.label)
+    program = torch.export.export(module, tuple(example[:4]), dynamic_shapes=_adapt_dynamic_shapes())
+    pinned = device_pinned_nodes(program)
+    if pinned:
+        raise ExportError("the exported adapt program pins tensors to a device: " + "; ".join(pinned[:5]))
+    save_program(program, directory / C.ADAPT_TORCH_PROGRAM_FILE)
+    with _quiet_exporters():
+        onnx_program = _onnx_export(program, adapt_output_names(adapted), C.ADAPT_INPUT_NAMES)
+    onnx_program.save(str(directory / C.ADAPT_ONNX_FILE))
+    return verify_adapt(adapted, directory / C.ADAPT_ONNX_FILE, load_program(directory / C.ADAPT_TORCH_PROGRAM_FILE))
 
 
 @dataclass
@@ -354,7 +569,7 @@ def export_artifact(
         raise ExportError(f"{final} already exists: artifact versions are immutable")
     model_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned_partials(model_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-{_owner_tag()}-", dir=model_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-{owner_tag()}-", dir=model_dir))
     try:
         fused = trace(adapted)
         example = random_batch(adapted.schema, CheckShape(2, 3, 4, ragged=True), np.random.default_rng(1), adapted.label)
@@ -368,6 +583,8 @@ def export_artifact(
         onnx_program.save(str(tmp / "model.onnx"))
         # The program as the torch engine will read it back, not the one in memory.
         checks = verify(adapted, tmp / "model.onnx", load_program(tmp / TORCH_PROGRAM_FILE))
+        if has_item_table(adapted):
+            checks += _export_adapt_graph(adapted, tmp)
         worst = max(max(c.max_abs_diff_onnx, c.max_abs_diff_torch_export) for c in checks)
         if worst > tolerance:
             detail = ", ".join(
@@ -377,14 +594,27 @@ def export_artifact(
 
         save_file({k: v.detach().contiguous().float() for k, v in adapted.params.items()}, str(tmp / "init.safetensors"))
         catalog_rows = catalog.codes[: len(catalog.item_ids)].contiguous()
-        save_file({"item_features": catalog_rows}, str(tmp / "catalog.safetensors"))
-        _write_lines(tmp / "catalog_items.txt", catalog.item_ids)
+        save_file({C.CATALOG_TENSOR: catalog_rows}, str(tmp / C.CATALOG_FEATURES_FILE))
+        C.write_lines(tmp / C.CATALOG_IDS_FILE, catalog.item_ids)
+        item_table, adapt_graph = None, None
+        if has_item_table(adapted):
+            table = compute_item_table(adapted, catalog_rows)
+            table_diff = check_item_table(adapted, tmp, table, catalog_rows)
+            (tmp / C.ITEM_TABLE_FILE).write_bytes(C.item_table_bytes(table))
+            item_table = pb.ItemTable(
+                file=C.ITEM_TABLE_FILE,
+                size=table.size,
+                rating_factors=table.factors,
+                engagement_factors=table.engagement_width,
+                max_abs_diff=table_diff,
+            )
+            adapt_graph = adapt_graph_spec(adapted.schema, _onnx_input_names(tmp / C.ADAPT_ONNX_FILE), table.factors, table.engagement_width)
+            # What the Onboard RPC's D-optimal selection needs beside the table's item vectors.
+            save_numpy(onboarding.prior_tensors(onboarding_prior(adapted)), str(tmp / onboarding.PRIOR_FILE))
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)
 
-        import onnx
-
-        onnx_inputs = [i.name for i in onnx.load(str(tmp / "model.onnx"), load_external_data=False).graph.input]
+        onnx_inputs = _onnx_input_names(tmp / "model.onnx")
         manifest = pb.ArtifactManifest(
             schema_version=pb.MANIFEST_SCHEMA_V1,
             model_name=model_name,
@@ -403,23 +633,12 @@ def export_artifact(
             evaluation=evaluation or pb.EvaluationSummary(),
             training=training or pb.TrainingInfo(),
             export_checks=checks,
+            item_table=item_table,
+            adapt_graph=adapt_graph,
         )
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            manifest.files.append(
-                pb.FileDigest(path=path.relative_to(tmp).as_posix(), sha256=sha256_file(path), size_bytes=path.stat().st_size)
-            )
-        (tmp / "manifest.json").write_text(
-            json_format.MessageToJson(
-                manifest, indent=1, sort_keys=True, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-            )
-            + "\n"
-        )
-        # The manifest cannot list its own digest: a sha256sum-format sidecar carries it
-        # (`sha256sum -c manifest.sha256` checks it by hand), so no byte of the artifact
-        # goes unchecked.
-        (tmp / "manifest.sha256").write_text(f"{sha256_file(tmp / 'manifest.json')}  manifest.json\n")
-        _fsync_tree(tmp)
-        _make_read_only(tmp)
+        C.write_manifest(tmp, manifest)
+        fsync_tree(tmp)
+        make_read_only(tmp)
         if before_rename is not None:
             before_rename(tmp)
         os.rename(tmp, final)
@@ -435,7 +654,7 @@ PARTIAL_MAX_AGE_S = 24 * 3600  # a partial directory of another machine older th
 _PARTIAL = re.compile(r"^\.[^.]+\.partial-(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-")
 
 
-def _owner_tag() -> str:
+def owner_tag() -> str:
     """host-pid of this export, in the partial directory's name, so that a later export can
     tell an abandoned directory (its process is gone) from one still being written."""
     host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
@@ -446,7 +665,7 @@ def remove_abandoned_partials(model_dir: Path) -> list[Path]:
     """Deletes the `.<version>.partial-*` directories of exports that were killed: on this
     machine, those whose process no longer runs; from elsewhere (or unnamed), those older
     than PARTIAL_MAX_AGE_S. Returns what it removed."""
-    host = _owner_tag().rsplit("-", 1)[0]
+    host = owner_tag().rsplit("-", 1)[0]
     removed = []
     for path in model_dir.glob(".*.partial-*"):
         if not path.is_dir() or path.is_symlink():
@@ -477,8 +696,19 @@ def _process_alive(pid: int) -> bool:
 
 
 def read_manifest(artifact: Path) -> pb.ArtifactManifest:
-    """An artifact's manifest.json, parsed (no checksum verification: see service.artifact)."""
-    return json_format.Parse((Path(artifact) / "manifest.json").read_text(encoding="utf-8"), pb.ArtifactManifest())
+    """An artifact's manifest.json, parsed (no checksum verification: see verify_artifact)."""
+    return C.parse_manifest((Path(artifact) / C.MANIFEST_FILE).read_bytes())
+
+
+def verify_artifact(artifact: Path) -> pb.ArtifactManifest:
+    """An artifact's manifest after its digest and every listed file are checked (and no
+    other file is there), as the service checks them."""
+    artifact = Path(artifact)
+    data = (artifact / C.MANIFEST_FILE).read_bytes()
+    C.check_manifest_digest(artifact, data)
+    manifest = C.parse_manifest(data)
+    C.verify_files(artifact, manifest)
+    return manifest
 
 
 def load_exported_model(artifact: Path) -> AdaptedModel:
@@ -488,7 +718,7 @@ def load_exported_model(artifact: Path) -> AdaptedModel:
     manifest = read_manifest(artifact)
     fields = []
     for f in manifest.feature_schema.fields:
-        vocabulary = tuple(f.vocabulary) or tuple((artifact / f.vocabulary_file).read_text(encoding="utf-8").splitlines())
+        vocabulary = tuple(f.vocabulary) or tuple(C.read_lines(artifact / f.vocabulary_file, f.vocabulary_file))
         fields.append(Field(f.name, "user" if f.side == pb.USER else "item", f.multi_valued, f.width, f.offset, vocabulary))
     schema = FeatureSchema(tuple(f for f in fields if f.side == "user"), tuple(f for f in fields if f.side == "item"))
     hyper = {k: json.loads(v) for k, v in manifest.model.hyperparameters.items()}
@@ -507,7 +737,7 @@ def load_exported_model(artifact: Path) -> AdaptedModel:
     return AdaptedModel(M.ModelConfig.from_dict(hyper), inner, schema, label, params)
 
 
-def _make_read_only(directory: Path) -> None:
+def make_read_only(directory: Path) -> None:
     """Versions are immutable: files read-only for everyone, directories readable (a
     service running as another user must be able to load them)."""
     for path in directory.rglob("*"):
@@ -515,7 +745,7 @@ def _make_read_only(directory: Path) -> None:
     directory.chmod(0o755)
 
 
-def _fsync_tree(directory: Path) -> None:
+def fsync_tree(directory: Path) -> None:
     """Flush every file so that the rename publishes complete contents."""
     for path in directory.rglob("*"):
         if path.is_file():

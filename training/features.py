@@ -16,12 +16,13 @@ from typing import Iterable, Literal, Mapping, Sequence
 import numpy as np
 
 from training.dataset import AttributeTable, Dataset
+from warmstart import contract
 
 log = logging.getLogger(__name__)
 
-PAD = 0  # no value in this slot
-OOV = 1  # a value the vocabulary does not hold (a new item's id, a new genre)
-FIRST_CODE = 2
+PAD = contract.PAD  # no value in this slot
+OOV = contract.OOV  # a value the vocabulary does not hold (a new item's id, a new genre)
+FIRST_CODE = contract.FIRST_CODE
 ITEM_ID_FIELD = "item_id"
 
 Side = Literal["user", "item"]
@@ -44,9 +45,10 @@ class Field:
             raise ValueError(f"field {self.name!r}: width must be >= 1, got {self.width}")
         if not self.multi_valued and self.width != 1:
             raise ValueError(f"field {self.name!r}: a single-valued field has width 1")
-        index = {value: FIRST_CODE + i for i, value in enumerate(self.vocabulary)}
-        if len(index) != len(self.vocabulary):
-            raise ValueError(f"field {self.name!r}: vocabulary has duplicate values")
+        try:
+            index = contract.vocabulary_index(self.vocabulary)
+        except ValueError:
+            raise ValueError(f"field {self.name!r}: vocabulary has duplicate values") from None
         object.__setattr__(self, "_index", index)
 
     @property
@@ -59,9 +61,8 @@ class Field:
 
     def encode(self, values: Sequence[str]) -> tuple[list[int], int]:
         """Codes for this field's slots, and how many values did not fit the width."""
-        codes = [self.code(v) for v in sorted(set(values))]
-        dropped = max(0, len(codes) - self.width)
-        codes = codes[: self.width]
+        codes = contract.field_codes(self._index, values, self.width)
+        dropped = len(set(values)) - len(codes)
         return codes + [PAD] * (self.width - len(codes)), dropped
 
     def to_dict(self) -> dict:

@@ -235,15 +235,26 @@ def engagement_weights(loss_kind: LossKind, labels: Tensor, mask: Tensor) -> Ten
     return mask * labels if loss_kind == "logistic" else mask
 
 
-def adapt_and_score(
+class AdaptedUsers(NamedTuple):
+    """What the adapt step hands to the score step: each user's adapted parameters."""
+
+    users: Tensor  # (B, ...) the user representation M.predict reads (the codes for bias_factor)
+    user_params: M.Params  # {name: (B, ...)} every per-user parameter, adapted ones at their adapted value
+    support_loss_before: Tensor  # (B,) mean support loss at theta_0 (0 with no support)
+    support_loss_after: Tensor  # (B,) ... after the inner steps
+    engagement_user: Tensor | None = None  # (B, e) adapted engagement factors phi (models with the head)
+
+
+def adapt_users(
     model_config: M.ModelConfig,
     config: InnerLoopConfig,
     schema: FeatureSchema,
     params: M.Params,
     batch: Batch,
     loss_kind: LossKind = "squared",
-) -> InnerLoopOutput:
-    """Adapts every user of the batch to its support set and scores its query items.
+) -> AdaptedUsers:
+    """The adapt step: every user of the batch adapted to its support set (the query items
+    of `batch` are not read).
 
     With the engagement head (model_config.engagement_factors > 0; params must hold
     M.ENGAGEMENT_GRAM, see M.with_engagement_gram) the same inner steps also adapt the
@@ -253,13 +264,11 @@ def adapt_and_score(
         sum_j w_j * (1 - p_j . phi)^2 + alpha * phi' G phi + pull * ||phi - phi_0||^2
 
     (j = support items, w_j = 1 for an interaction, G = mean p p' over the catalog: every
-    item not interacted with counts as a weak negative, at no per-item cost), and the
-    output carries each query item's engagement logit c_j + scale * p_j . phi.
+    item not interacted with counts as a weak negative, at no per-item cost).
     """
     adapted_names = model_config.adapted_names()
     users = M.user_repr(model_config, schema, params, batch.user_features)  # (B, Du)
     support_repr = M.pair_repr(model_config, users, M.item_repr(model_config, schema, params, batch.support_items))
-    query_repr = M.pair_repr(model_config, users, M.item_repr(model_config, schema, params, batch.query_items))
     start = M.initial_user_params(model_config, schema, params, batch.user_features)  # {name: (B, ...)}
     pulls, learning_rates, offsets = _step_settings(adapted_names, config, params)
     user_rates: dict[str, list[Tensor]] = {}  # per-user step sizes (the memory's); {} = the shared ones
@@ -269,7 +278,7 @@ def adapt_and_score(
         start, user_rates = memory.personalise(start, learning_rates, read)
         phi0 = None if read.engagement is None else params["eng.user0"] + read.engagement
 
-    def per_user(start_u: M.Params, user: Tensor, s_items, labels: Tensor, mask: Tensor, q_items, rates_u):
+    def per_user(start_u: M.Params, user: Tensor, s_items, labels: Tensor, mask: Tensor, rates_u):
         rates = rates_u or learning_rates
         theta0 = {n: start_u[n] for n in adapted_names}
         fixed = {n: v for n, v in start_u.items() if n not in theta0}
@@ -282,20 +291,51 @@ def adapt_and_score(
         theta = inner_steps(data_loss, theta0, rates, _denominators(adapted_names, n_support, offsets), config, pulls)
         before = data_loss(theta0) / n_support.clamp(min=1.0)
         after = data_loss(theta) / n_support.clamp(min=1.0)
-        scores = M.predict(model_config, params, {**fixed, **theta}, user, q_items)
-        return scores, before, after
+        return {**fixed, **theta}, before, after
 
-    scores, before, after = vmap(per_user)(
-        start, users, support_repr, batch.support_labels, batch.support_mask, query_repr, user_rates
+    user_params, before, after = vmap(per_user)(
+        start, users, support_repr, batch.support_labels, batch.support_mask, user_rates
     )
     if not model_config.engagement_factors:
-        return InnerLoopOutput(scores, before, after)
+        return AdaptedUsers(users, user_params, before, after)
     _, support_p = M.item_engagement(model_config, schema, params, batch.support_items)  # (B, S, e)
-    query_c, query_p = M.item_engagement(model_config, schema, params, batch.query_items)  # (B, Q), (B, Q, e)
     weights = engagement_weights(loss_kind, batch.support_labels, batch.support_mask)  # (B, S)
     phi = adapt_engagement(model_config, config, params, support_p, weights, phi0)  # (B, e)
-    engagement = vmap(lambda c, p, f: M.engagement_scores(params, c, p, f))(query_c, query_p, phi)
-    return InnerLoopOutput(scores, before, after, engagement)
+    return AdaptedUsers(users, user_params, before, after, phi)
+
+
+def score_users(
+    model_config: M.ModelConfig, schema: FeatureSchema, params: M.Params, adapted: AdaptedUsers, query_items: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """The score step: raw scores (B, Q) of each user's query items (B, Q, W) under their
+    adapted parameters, and the engagement logits (B, Q) (None without the head)."""
+    query_repr = M.pair_repr(model_config, adapted.users, M.item_repr(model_config, schema, params, query_items))
+
+    def per_user(user_params: M.Params, user: Tensor, q_items):
+        return M.predict(model_config, params, user_params, user, q_items)
+
+    scores = vmap(per_user)(adapted.user_params, adapted.users, query_repr)
+    if adapted.engagement_user is None:
+        return scores, None
+    query_c, query_p = M.item_engagement(model_config, schema, params, query_items)  # (B, Q), (B, Q, e)
+    engagement = vmap(lambda c, p, f: M.engagement_scores(params, c, p, f))(query_c, query_p, adapted.engagement_user)
+    return scores, engagement
+
+
+def adapt_and_score(
+    model_config: M.ModelConfig,
+    config: InnerLoopConfig,
+    schema: FeatureSchema,
+    params: M.Params,
+    batch: Batch,
+    loss_kind: LossKind = "squared",
+) -> InnerLoopOutput:
+    """Adapts every user of the batch to its support set (adapt_users) and scores its query
+    items (score_users); the output carries each query item's engagement logit
+    c_j + scale * p_j . phi when the model has the engagement head."""
+    adapted = adapt_users(model_config, config, schema, params, batch, loss_kind)
+    scores, engagement = score_users(model_config, schema, params, adapted, batch.query_items)
+    return InnerLoopOutput(scores, adapted.support_loss_before, adapted.support_loss_after, engagement)
 
 
 def adapt_engagement(
@@ -307,7 +347,7 @@ def adapt_engagement(
     start: Tensor | None = None,
 ) -> Tensor:
     """Each user's adapted engagement factors phi (B, e) from their support items' engagement
-    factors (B, S, e) and weights (B, S): the inner steps on the implicit loss of adapt_and_score.
+    factors (B, S, e) and weights (B, S): the inner steps on the implicit loss of adapt_users.
     `start` (B, e): each user's own phi_0 (the memory's, training.memory.engagement_start);
     None = every user starts at the shared eng.user0."""
     names = (M.ENGAGEMENT_USER,)

@@ -70,7 +70,7 @@ def run_example(command: str, server: LiveServer) -> subprocess.CompletedProcess
 def test_readme_has_a_grpcurl_example_for_every_rpc():
     methods = {e.method for e in GRPCURL_EXAMPLES}
     for rpc in ("warmstart.v1.Recommender/Recommend", "warmstart.v1.Recommender/Score",
-                "warmstart.v1.Recommender/GetModel", "grpc.health.v1.Health/Check"):
+                "warmstart.v1.Recommender/GetModel", "warmstart.v1.Recommender/Onboard", "grpc.health.v1.Health/Check"):
         assert rpc in methods, f"no README example calls {rpc}"
     assert all(e.body.startswith(".venv/bin/grpcurl -plaintext ") for e in GRPCURL_EXAMPLES)
     assert not any("-proto" in e.body or "-import-path" in e.body for e in GRPCURL_EXAMPLES), "reflection only"
@@ -95,6 +95,14 @@ def test_readme_grpcurl_example_runs(example: Example, server: LiveServer):
     elif example.method == "warmstart.v1.Recommender/GetModel":
         assert response["model_name"] == "tiny" and response["model_version"] == "1"
         assert response["user_fields"] and response["item_fields"] and int(response["catalog_size"]) > 0
+    elif example.method == "warmstart.v1.Recommender/Onboard":
+        request = json.loads(re.search(r"-d '(.*?)'", example.body, re.S).group(1))
+        assert response["model_version"] == "1" and response["strategy"] == "ONBOARD_STRATEGY_D_OPTIMAL"
+        ids = [i["item_id"] for i in response["items"]]
+        assert len(ids) == len(set(ids)) == request["count"]
+        assert not set(ids) & {i["item_id"] for i in request.get("interactions", [])} and not set(ids) & set(request.get("exclude_item_ids", []))
+        reasons = [i["reason_score"] for i in response["items"]]
+        assert reasons == sorted(reasons, reverse=True) and reasons[-1] > 0
     else:
         request = json.loads(re.search(r"-d '(.*?)'", example.body, re.S).group(1))
         assert response["model_version"] == "1"

@@ -185,3 +185,20 @@ def flip_byte(path: Path) -> None:
     data[len(data) // 2] ^= 0x01
     path.chmod(0o644)
     path.write_bytes(bytes(data))
+
+
+def without_item_table(artifact: Path) -> None:
+    """Makes a writable artifact copy look like one exported before the item table: no
+    item_table.safetensors, no adapt graph, the manifest without them (resealed)."""
+    from warmstart import contract
+
+    dropped = {contract.ITEM_TABLE_FILE, contract.ADAPT_ONNX_FILE, contract.ADAPT_TORCH_PROGRAM_FILE}
+    for name in dropped:
+        (artifact / name).unlink()
+
+    def edit(manifest: dict) -> None:
+        manifest.pop("item_table")
+        manifest.pop("adapt_graph")
+        manifest["files"] = [f for f in manifest["files"] if f["path"] not in dropped]
+
+    edit_manifest(artifact, edit)

@@ -327,3 +327,40 @@ def test_the_signing_script_signs_what_the_loader_verifies(copy: Path, tmp_path:
     assert run("verify", "--public-key", str(public), str(copy)).returncode == 0
     assert load_artifact(copy, signature.load_public_keys(public)).model_version == "1"
     assert run("sign", "--private-key", str(tmp_path / "missing.key"), str(copy)).returncode == 2
+
+
+def test_item_table_is_loaded_in_catalog_row_order(tiny_artifact: Path):
+    from safetensors.numpy import load_file
+
+    artifact = load_artifact(tiny_artifact)
+    table = artifact.item_table
+    assert table is not None and table.size == artifact.catalog.size
+    on_disk = load_file(str(tiny_artifact / "item_table.safetensors"))
+    np.testing.assert_array_equal(table.rating_bias, on_disk["rating_bias"])
+    np.testing.assert_array_equal(table.engagement_factors, on_disk["engagement_factors"])
+    assert table.rating_offset == float(on_disk["rating_offset"]) and table.engagement_scale == float(on_disk["engagement_scale"])
+    assert table.rating_factors.shape[1] == artifact.manifest.item_table.rating_factors
+    assert not table.rating_factors.flags.writeable
+
+
+def test_an_item_table_of_the_wrong_shape_is_refused(copy: Path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(copy / "item_table.safetensors"))
+    tensors["rating_bias"] = tensors["rating_bias"][:-1]
+    save_file(tensors, str(copy / "item_table.safetensors"))
+
+    def relist(manifest: dict) -> None:
+        entry = next(f for f in manifest["files"] if f["path"] == "item_table.safetensors")
+        entry.update(sha256=sha256_file(copy / "item_table.safetensors"), size_bytes=str((copy / "item_table.safetensors").stat().st_size))
+
+    edit_manifest(copy, relist)
+    with pytest.raises(ArtifactError, match="rating_bias") as caught:
+        load_artifact(copy)
+    assert caught.value.reason == "content" and caught.value.file == "item_table.safetensors"
+
+
+def test_an_item_table_for_another_catalog_size_is_refused(copy: Path):
+    edit_manifest(copy, lambda m: m["item_table"].update(size=str(int(m["item_table"]["size"]) + 1)))
+    with pytest.raises(ManifestError, match="item_table.size"):
+        load_artifact(copy)

@@ -359,3 +359,37 @@ def test_evaluate_topn_liked_threshold_outside_the_rating_range_exits_2(tmp_path
     assert main(args) == 2
     (line,) = error_lines(capsys)
     assert "liked threshold 9 must lie in (1, 5]" in line
+
+
+# --- evaluate --protocol onboarding ------------------------------------------------------------
+
+
+def test_evaluate_onboarding_writes_report_summary_and_results(tmp_path, capsys):
+    out_dir = tmp_path / "onboarding"
+    args = ["evaluate", "--protocol", "onboarding", "--dataset", "synthetic", "--synthetic-users", "200"]
+    args += ["--synthetic-items", "120", "--only-folds", "0", "--no-progress", "--out", str(out_dir)]
+    args += ["--meta-steps", "20", "--eval-every", "10", "--support-sizes", "2,4", "--query-size", "5"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == f"report: {out_dir / 'report.md'}"
+    rows = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
+    assert {r["strategy"] for r in rows} == {"random", "popular", "melu", "dopt"}
+    assert {r["asked"] for r in rows} == {2, 4} and {r["protocol"] for r in rows} == {"held_out", "remaining"}
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["reference"] == "popular" and len(summary["rows"]) == 2 * 2 * 4
+    report = (out_dir / "report.md").read_text()
+    assert "## Protocol `held_out`" in report and "## Protocol `remaining`" in report and "ΔRecall@20 vs popular" in report
+
+
+def test_evaluate_onboarding_usage_errors(tmp_path, capsys):
+    base = ["evaluate", "--protocol", "onboarding", "--synthetic-users", "60", "--out", str(tmp_path)]
+    for extra, message in (
+        (["--methods", "dopt,ease"], "unknown onboarding strategies ['ease']"),
+        (["--methods", "dopt"], "--reference popular must be one of --methods"),
+        (["--support-sizes", "0,3"], "positive integer"),
+        (["--scenario", "new_items"], "simulates new users"),
+        (["--liked-threshold", "4"], "--liked-threshold is for --protocol topn"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(base + extra)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err

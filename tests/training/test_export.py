@@ -183,3 +183,48 @@ def test_partial_directories_of_killed_exports_are_removed(tmp_path: Path):
     removed = E.remove_abandoned_partials(tmp_path)
     assert sorted(p.name for p in removed) == sorted([dead.name, foreign_old.name])
     assert not dead.exists() and not foreign_old.exists() and live.exists() and foreign_new.exists()
+
+
+def test_item_table_holds_every_catalog_item_in_row_order(tiny_artifact):
+    from warmstart import contract as C
+
+    manifest = E.read_manifest(tiny_artifact)
+    spec = manifest.item_table
+    assert spec.file == C.ITEM_TABLE_FILE and spec.file in {f.path for f in manifest.files}
+    assert spec.size == manifest.catalog.size and spec.max_abs_diff <= E.TABLE_TOLERANCE
+    table = C.parse_item_table((tiny_artifact / spec.file).read_bytes(), spec.size, spec.rating_factors, spec.engagement_factors)
+    model = E.load_exported_model(tiny_artifact)
+    codes = load_file(str(tiny_artifact / "catalog.safetensors"))["item_features"]
+    with torch.no_grad():
+        b, q = E.M.item_repr(model.model_config, model.schema, model.params, codes)
+        c, p = E.M.item_engagement(model.model_config, model.schema, model.params, codes)
+    assert (table.factors, table.engagement_width) == (model.model_config.factors, model.model_config.engagement_factors)
+    np.testing.assert_array_equal(table.rating_bias, b.numpy())
+    np.testing.assert_array_equal(table.rating_factors, q.numpy())
+    np.testing.assert_array_equal(table.engagement_bias, c.numpy())
+    np.testing.assert_array_equal(table.engagement_factors, p.numpy())
+    assert table.rating_offset == float(model.params["mu"])
+    assert table.engagement_scale == pytest.approx(float(torch.exp(model.params["eng.log_scale"])), rel=1e-6)
+
+
+def test_item_table_scores_equal_the_fused_graph(tiny_artifact):
+    """Catalog rows scored from the table, for users adapted by training's adapt step,
+    equal the fused ONNX graph's outputs to 1e-5 (fresh shapes, not the export's check)."""
+    from training.inner_loop import adapt_users
+    from training.trainer import loss_kind_of
+    from warmstart import contract as C
+
+    model = E.load_exported_model(tiny_artifact)
+    spec = E.read_manifest(tiny_artifact).item_table
+    table = C.parse_item_table((tiny_artifact / spec.file).read_bytes(), spec.size, spec.rating_factors, spec.engagement_factors)
+    codes = load_file(str(tiny_artifact / "catalog.safetensors"))["item_features"]
+    session = ort.InferenceSession(str(tiny_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    batch, rows = E._table_batch(model.schema, E.CheckShape(9, 17, 60, ragged=True), rng, model.label, codes)
+    fused = session.run(list(E.output_names(model)), {n: t.numpy() for n, t in zip(E.INPUT_NAMES, batch)})
+    with torch.no_grad():
+        users = adapt_users(model.model_config, model.inner_config, model.schema, model.params, batch, loss_kind_of(model.label))
+    for u in range(9):
+        raw = C.rating_scores(table, float(users.user_params["user.bias"][u]), users.user_params["user.factors"][u].numpy(), rows[u])
+        np.testing.assert_allclose(C.to_label_units(raw, "rating", 1.0, 5.0), fused[0][u], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(C.engagement_scores(table, users.engagement_user[u].numpy(), rows[u]), fused[3][u], atol=1e-5, rtol=0)

@@ -42,7 +42,7 @@ INT64: DType
 FLOAT32: DType
 
 class ArtifactManifest(_message.Message):
-    __slots__ = ("schema_version", "model_name", "model_version", "created_at", "feature_schema", "label", "model", "inner_loop", "graph", "catalog", "evaluation", "training", "files", "export_checks")
+    __slots__ = ("schema_version", "model_name", "model_version", "created_at", "feature_schema", "label", "model", "inner_loop", "graph", "catalog", "evaluation", "training", "files", "export_checks", "item_table", "adapt_graph", "refresh")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,9 @@ class ArtifactManifest(_message.Message):
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     EXPORT_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_TABLE_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_GRAPH_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     model_name: str
     model_version: str
@@ -71,7 +74,20 @@ class ArtifactManifest(_message.Message):
     training: TrainingInfo
     files: _containers.RepeatedCompositeFieldContainer[FileDigest]
     export_checks: _containers.RepeatedCompositeFieldContainer[ExportCheck]
-    def __init__(self, schema_version: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., created_at: _Optional[str] = ..., feature_schema: _Optional[_Union[FeatureSchema, _Mapping]] = ..., label: _Optional[_Union[LabelSpec, _Mapping]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., inner_loop: _Optional[_Union[InnerLoopSpec, _Mapping]] = ..., graph: _Optional[_Union[GraphSpec, _Mapping]] = ..., catalog: _Optional[_Union[Catalog, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationSummary, _Mapping]] = ..., training: _Optional[_Union[TrainingInfo, _Mapping]] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., export_checks: _Optional[_Iterable[_Union[ExportCheck, _Mapping]]] = ...) -> None: ...
+    item_table: ItemTable
+    adapt_graph: GraphSpec
+    refresh: CatalogRefresh
+    def __init__(self, schema_version: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., created_at: _Optional[str] = ..., feature_schema: _Optional[_Union[FeatureSchema, _Mapping]] = ..., label: _Optional[_Union[LabelSpec, _Mapping]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., inner_loop: _Optional[_Union[InnerLoopSpec, _Mapping]] = ..., graph: _Optional[_Union[GraphSpec, _Mapping]] = ..., catalog: _Optional[_Union[Catalog, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationSummary, _Mapping]] = ..., training: _Optional[_Union[TrainingInfo, _Mapping]] = ..., files: _Optional[_Iterable[_Union[FileDigest, _Mapping]]] = ..., export_checks: _Optional[_Iterable[_Union[ExportCheck, _Mapping]]] = ..., item_table: _Optional[_Union[ItemTable, _Mapping]] = ..., adapt_graph: _Optional[_Union[GraphSpec, _Mapping]] = ..., refresh: _Optional[_Union[CatalogRefresh, _Mapping]] = ...) -> None: ...
+
+class CatalogRefresh(_message.Message):
+    __slots__ = ("from_version", "items_added", "items_removed")
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_ADDED_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    from_version: str
+    items_added: int
+    items_removed: int
+    def __init__(self, from_version: _Optional[str] = ..., items_added: _Optional[int] = ..., items_removed: _Optional[int] = ...) -> None: ...
 
 class FeatureField(_message.Message):
     __slots__ = ("name", "side", "multi_valued", "width", "offset", "vocabulary", "vocabulary_file", "vocabulary_size")
@@ -201,6 +217,20 @@ class Catalog(_message.Message):
     features_file: str
     size: int
     def __init__(self, ids_file: _Optional[str] = ..., features_file: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ItemTable(_message.Message):
+    __slots__ = ("file", "size", "rating_factors", "engagement_factors", "max_abs_diff")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    RATING_FACTORS_FIELD_NUMBER: _ClassVar[int]
+    ENGAGEMENT_FACTORS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    size: int
+    rating_factors: int
+    engagement_factors: int
+    max_abs_diff: float
+    def __init__(self, file: _Optional[str] = ..., size: _Optional[int] = ..., rating_factors: _Optional[int] = ..., engagement_factors: _Optional[int] = ..., max_abs_diff: _Optional[float] = ...) -> None: ...
 
 class MetricValue(_message.Message):
     __slots__ = ("scenario", "support_size", "metric", "method", "value", "ci_low", "ci_high", "reference")

@@ -24,6 +24,14 @@ class ItemRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ITEM_ROLE_UNSPECIFIED: _ClassVar[ItemRole]
     INTERACTION: _ClassVar[ItemRole]
     CANDIDATE: _ClassVar[ItemRole]
+
+class OnboardStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ONBOARD_STRATEGY_UNSPECIFIED: _ClassVar[OnboardStrategy]
+    ONBOARD_STRATEGY_D_OPTIMAL: _ClassVar[OnboardStrategy]
+    ONBOARD_STRATEGY_GRADIENT_POPULARITY: _ClassVar[OnboardStrategy]
+    ONBOARD_STRATEGY_POPULAR: _ClassVar[OnboardStrategy]
+    ONBOARD_STRATEGY_RANDOM: _ClassVar[OnboardStrategy]
 RANK_BY_UNSPECIFIED: RankBy
 RANK_BY_ENGAGEMENT: RankBy
 RANK_BY_PREDICTED_RATING: RankBy
@@ -32,6 +40,11 @@ ENCODED_FROM_ATTRIBUTES: UnknownItemHandling
 ITEM_ROLE_UNSPECIFIED: ItemRole
 INTERACTION: ItemRole
 CANDIDATE: ItemRole
+ONBOARD_STRATEGY_UNSPECIFIED: OnboardStrategy
+ONBOARD_STRATEGY_D_OPTIMAL: OnboardStrategy
+ONBOARD_STRATEGY_GRADIENT_POPULARITY: OnboardStrategy
+ONBOARD_STRATEGY_POPULAR: OnboardStrategy
+ONBOARD_STRATEGY_RANDOM: OnboardStrategy
 
 class Interaction(_message.Message):
     __slots__ = ("item_id", "label", "timestamp", "item_attributes")
@@ -238,3 +251,50 @@ class ModelInfo(_message.Message):
     limits: Limits
     has_engagement: bool
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., created_at: _Optional[str] = ..., label: _Optional[_Union[_manifest_pb2.LabelSpec, _Mapping]] = ..., user_fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., item_fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., catalog_size: _Optional[int] = ..., inner_steps: _Optional[int] = ..., model_kind: _Optional[str] = ..., learner: _Optional[str] = ..., engine: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., has_engagement: _Optional[bool] = ...) -> None: ...
+
+class OnboardRequest(_message.Message):
+    __slots__ = ("request_id", "user_attributes", "interactions", "candidate_ids", "count", "exclude_item_ids", "strategy")
+    class UserAttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_attributes: _containers.ScalarMap[str, str]
+    interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
+    candidate_ids: _containers.RepeatedScalarFieldContainer[str]
+    count: int
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    strategy: OnboardStrategy
+    def __init__(self, request_id: _Optional[str] = ..., user_attributes: _Optional[_Mapping[str, str]] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., count: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., strategy: _Optional[_Union[OnboardStrategy, str]] = ...) -> None: ...
+
+class OnboardItem(_message.Message):
+    __slots__ = ("item_id", "reason_score")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_SCORE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    reason_score: float
+    def __init__(self, item_id: _Optional[str] = ..., reason_score: _Optional[float] = ...) -> None: ...
+
+class OnboardResponse(_message.Message):
+    __slots__ = ("request_id", "model_name", "model_version", "items", "strategy")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model_name: str
+    model_version: str
+    items: _containers.RepeatedCompositeFieldContainer[OnboardItem]
+    strategy: OnboardStrategy
+    def __init__(self, request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., items: _Optional[_Iterable[_Union[OnboardItem, _Mapping]]] = ..., strategy: _Optional[_Union[OnboardStrategy, str]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class RecommenderStub:
                 request_serializer=warmstart_dot_v1_dot_recommender__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=warmstart_dot_v1_dot_recommender__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Onboard = channel.unary_unary(
+                '/warmstart.v1.Recommender/Onboard',
+                request_serializer=warmstart_dot_v1_dot_recommender__pb2.OnboardRequest.SerializeToString,
+                response_deserializer=warmstart_dot_v1_dot_recommender__pb2.OnboardResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -75,6 +80,15 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Onboard(self, request, context):
+        """Onboarding: the items to ask a (new) user about next, best first, chosen by what the
+        model would learn most from their answers. Send the answers as interactions and call
+        again for the next round: answered and excluded items are never returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +106,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=warmstart_dot_v1_dot_recommender__pb2.GetModelRequest.FromString,
                     response_serializer=warmstart_dot_v1_dot_recommender__pb2.ModelInfo.SerializeToString,
+            ),
+            'Onboard': grpc.unary_unary_rpc_method_handler(
+                    servicer.Onboard,
+                    request_deserializer=warmstart_dot_v1_dot_recommender__pb2.OnboardRequest.FromString,
+                    response_serializer=warmstart_dot_v1_dot_recommender__pb2.OnboardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +194,33 @@ class Recommender:
             '/warmstart.v1.Recommender/GetModel',
             warmstart_dot_v1_dot_recommender__pb2.GetModelRequest.SerializeToString,
             warmstart_dot_v1_dot_recommender__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Onboard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/warmstart.v1.Recommender/Onboard',
+            warmstart_dot_v1_dot_recommender__pb2.OnboardRequest.SerializeToString,
+            warmstart_dot_v1_dot_recommender__pb2.OnboardResponse.FromString,
             options,
             channel_credentials,
             insecure,
