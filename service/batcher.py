@@ -2,7 +2,8 @@
 
 One public entry point, `DynamicBatcher.submit`. Requests are grouped by (model, padded
 candidate count): a request with 1000 candidates never forces a batch of 100-candidate
-users to be padded to 1000. The group whose oldest request has waited longest is served
+users to be padded to 1000 (requests scored from the item table form one group: their
+batches are padded along the support only). The group whose oldest request has waited longest is served
 first. The batch is padded, run on an engine thread (the engine releases the GIL) and
 split back, and every caller gets its own result or an error: nobody is left waiting
 when the engine raises or the batcher closes.
@@ -38,7 +39,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from service.errors import DeadlineExpired, EngineFailure, NotReady, Overloaded
 from service.metrics import Metrics
-from service.padding import EngineInputs, EngineOutputs, ShapeBuckets, UserInputs, UserOutputs, pad_batch, split_batch
+from service.padding import ShapeBuckets, UserInputs, UserOutputs
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,13 @@ class Servable(Protocol):
 
     buckets: ShapeBuckets
 
-    def run(self, inputs: EngineInputs) -> EngineOutputs: ...
+    def query_bucket(self, user: UserInputs) -> int:
+        """The padded query length the user's batch runs at (users of one batch share it)."""
+        ...
+
+    def run_users(self, users: list[UserInputs], support_length: int, query_length: int) -> list[UserOutputs]:
+        """Pads, runs and splits one batch: one output per user, in order."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,7 @@ class _Pending:
     future: asyncio.Future
 
 
-_GroupKey = tuple[Servable, int]  # (model, padded query length)
+_GroupKey = tuple[Servable, int]  # (model, padded query length; 0 = scored from the item table)
 
 
 class DynamicBatcher:
@@ -113,7 +120,7 @@ class DynamicBatcher:
             raise NotReady("the server is shutting down")
         if self._queued >= self._config.queue_size:
             raise Overloaded(f"{self._queued} requests are already waiting; retry with backoff")
-        key = (model, model.buckets.query_length(user.query_size))
+        key = (model, model.query_bucket(user))
         pending = _Pending(user, deadline_s, time.monotonic(), asyncio.get_running_loop().create_future())
         group = self._groups.get(key)
         if group is None:
@@ -310,19 +317,15 @@ def _fail(batch: Sequence[_Pending], error: Callable[[], Exception]) -> None:
 def _execute(
     model: Servable, users: list[UserInputs], support_length: int, query_length: int, metrics: Metrics | None = None
 ) -> tuple[list[UserOutputs], float]:
-    """Pads, runs and splits one batch (on an engine thread); returns outputs and seconds.
-    Records each user's support losses here, off the event loop (users with interactions)."""
+    """Runs one batch (on an engine thread); returns outputs and seconds. Records each
+    user's support losses here, off the event loop (users with interactions)."""
     started = time.perf_counter()
-    outputs = model.run(pad_batch(users, support_length, query_length))
-    b = len(users)
-    if outputs.query_scores.shape != (b, query_length) or outputs.support_loss_before.shape != (b,) or outputs.support_loss_after.shape != (b,):
-        raise RuntimeError(
-            f"engine returned shapes {[o.shape for o in outputs]} for a batch of {b} users with {query_length} query items"
-        )
-    split = split_batch(outputs, users)
+    outputs = model.run_users(users, support_length, query_length)
+    if len(outputs) != len(users):
+        raise RuntimeError(f"{len(outputs)} outputs for a batch of {len(users)} users")
     seconds = time.perf_counter() - started
     if metrics is not None:
-        for user, output in zip(users, split):
+        for user, output in zip(users, outputs):
             if user.support_size:
                 metrics.support_loss(output.support_loss_before, output.support_loss_after)
-    return split, seconds
+    return outputs, seconds

@@ -31,12 +31,11 @@ from service.domain import (
 )
 from service.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotReady, echo
 from service.metrics import Metrics
-from service.padding import UserInputs, UserOutputs
+from service.padding import Ranking, UserInputs, UserOutputs
 from service.repository import LoadedModel
 from warmstart import onboarding
 
 EXAMPLE_VALUES = 5  # vocabulary values GetModel shows per field
-FULL_SORT_MAX = 4096  # up to this many items a stable sort beats partitioning
 
 
 @dataclass(frozen=True)
@@ -84,31 +83,29 @@ class RecommenderCore:
         if rank_catalog and model.artifact.catalog.size == 0:
             violations.append(FieldViolation("candidates", "empty, and the model has no catalog to rank"))
         inputs, unknown = self._encode(model, query.user, None if rank_catalog else query.candidates, violations)
-        output = await self._adapt(model, query.user, inputs)
         catalog = model.artifact.catalog
         ids: Sequence[str] = catalog.item_ids if rank_catalog else query.candidates.ids
         excluded = set(query.exclude_item_ids) if query.exclude_item_ids else set()
         if query.exclude_interacted:
             excluded.update(query.user.interactions.items.ids)
         if not excluded:
-            available = np.arange(len(ids))
+            positions = np.zeros(0, dtype=np.int64)
         elif rank_catalog:
-            keep = np.ones(len(ids), dtype=bool)
-            keep[[catalog.row_of[i] for i in excluded if i in catalog.row_of]] = False
-            available = np.flatnonzero(keep)
+            positions = np.array(sorted(catalog.row_of[i] for i in excluded if i in catalog.row_of), dtype=np.int64)
         else:
-            available = np.flatnonzero(np.fromiter((i not in excluded for i in ids), dtype=bool, count=len(ids)))
-        engagement = output.query_engagement
-        by_engagement = engagement is not None and query.rank_by != "rating"
-        order = top_k(engagement if by_engagement else output.query_scores, available, query.top_k)
+            positions = np.flatnonzero(np.fromiter((i in excluded for i in ids), dtype=bool, count=len(ids)))
+        by_engagement = model.artifact.has_engagement and query.rank_by != "rating"
+        ranking = Ranking(query.top_k, by_engagement, positions)
+        inputs.ranking = ranking
+        output = await self._adapt(model, query.user, inputs)
         return ScoredItems(
             request_id=query.user.request_id,
             model_name=model.name,
             model_version=model.version,
-            item_ids=[ids[i] for i in order.tolist()],
-            scores=output.query_scores[order],
+            item_ids=[ids[i] for i in output.order.tolist()],
+            scores=output.query_scores,
             adaptation=self._summary(model, inputs, unknown, output),
-            engagement=None if engagement is None else engagement[order],
+            engagement=output.query_engagement,
         )
 
     async def score(self, query: ScoreQuery) -> ScoredItems:
@@ -153,10 +150,10 @@ class RecommenderCore:
         # The knowledge weights come from the user's engagement logits, adapted to the answers
         # so far: only the strategies that use them run the engine.
         needs_engine = query.strategy in ("dopt", "melu") and model.artifact.has_engagement
-        encoded = self._encode(model, query.user, pool if pool else None, violations)
+        inputs, _ = self._encode(model, query.user, pool if pool else None, violations)
         logits = None
         if needs_engine:
-            output = await self._adapt(model, query.user, encoded)
+            output = await self._adapt(model, query.user, inputs)
             logits = output.query_engagement
         interactions = query.user.interactions
         answered, engaged = [], []
@@ -265,17 +262,23 @@ class RecommenderCore:
         unknown: list[UnknownItem] = []
         support_items = self._item_codes(model, interactions.items, positions, "interaction", unknown, violations)
 
+        query_items, query_rows = None, None
         if items is None:
-            query_items = model.artifact.catalog.codes
+            if not model.scores_from_table:
+                query_items = model.artifact.catalog.codes
         else:
             violations.extend(_duplicate_violations(items))
-            query_items = self._item_codes(model, items, range(len(items)), "candidate", unknown, violations)
+            rows = _catalog_rows(model, items.ids)
+            if model.scores_from_table and (rows >= 0).all():
+                query_rows = rows  # every candidate is in the catalog: scored from the item table
+            else:
+                query_items = self._item_codes(model, items, range(len(items)), "candidate", unknown, violations, rows)
         if violations:
             raise InvalidArgument(violations)
         labels = interactions.labels
         ordered_labels = labels if isinstance(positions, range) else [labels[k] for k in positions]
         support_labels = np.array(ordered_labels, dtype=np.float32)  # in range: checked
-        return UserInputs(user_row, support_items, support_labels, query_items), tuple(unknown)
+        return UserInputs(user_row, support_items, support_labels, query_items, query_rows), tuple(unknown)
 
     def _item_codes(
         self,
@@ -285,17 +288,19 @@ class RecommenderCore:
         role: ItemRole,
         unknown: list[UnknownItem],
         violations: list[FieldViolation],
+        rows: np.ndarray | None = None,
     ) -> np.ndarray:
         """(len(positions), item_width) codes of items[positions]: catalog rows, or the inline
-        attributes of items the catalog does not know."""
+        attributes of items the catalog does not know. rows: their catalog rows (-1 =
+        unknown) when the caller already looked them up."""
         catalog = model.artifact.catalog
         encoder = model.artifact.encoder
         ids = items.ids
-        ordered = ids if isinstance(positions, range) else [ids[k] for k in positions]
-        rows = np.fromiter(map(catalog.row_of.get, ordered, repeat(-1)), dtype=np.int64, count=len(ordered))
-        if not len(rows) or rows.min() >= 0:  # the common case: every item is in the catalog
-            return catalog.codes.take(rows, axis=0)
+        if rows is None:
+            rows = _catalog_rows(model, ids if isinstance(positions, range) else [ids[k] for k in positions])
         found = rows >= 0
+        if found.all():  # the common case: every item is in the catalog
+            return catalog.codes.take(rows, axis=0)
         codes = np.zeros((len(positions), encoder.item_width), dtype=np.int64)
         codes[found] = catalog.codes.take(rows[found], axis=0)
         for i in np.flatnonzero(~found).tolist():
@@ -388,15 +393,7 @@ def _duplicate_violations(items: ItemList) -> list[FieldViolation]:
     return violations
 
 
-def top_k(scores: np.ndarray, available: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k best of `available` (sorted ascending; all when k is 0), best
-    first; equal scores keep index order, at the cut-off too."""
-    s = scores if len(available) == len(scores) else scores[available]  # available is ascending: all = identity
-    if 0 < k < len(available) and len(available) > FULL_SORT_MAX:
-        threshold = s[np.argpartition(-s, k - 1)[:k]].min()
-        above = np.flatnonzero(s > threshold)
-        ties = np.flatnonzero(s == threshold)[: k - len(above)]
-        chosen = np.concatenate([above, ties])
-        return available[chosen[np.lexsort((chosen, -s[chosen]))]]
-    order = np.argsort(-s, kind="stable")
-    return available[order[:k] if k > 0 else order]
+def _catalog_rows(model: LoadedModel, ids: Sequence[str]) -> np.ndarray:
+    """Catalog rows of item ids, -1 for items the catalog does not know."""
+    row_of = model.artifact.catalog.row_of
+    return np.fromiter(map(row_of.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))

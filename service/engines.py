@@ -1,4 +1,9 @@
-"""Engines: run the artifact's adapt-then-score graph on one padded batch.
+"""Engines: run the artifact's graphs on one padded batch, and score against its item table.
+
+An engine runs the fused adapt-then-score graph (`run`) and, for artifacts with an item
+table, the adapt graph (`adapt`, the support only) and its `scorer`, the score step
+against the table on the engine's device (service/scoring.py: numpy on CPU, torch where
+the torch engine runs).
 
 Two implementations with one interface, chosen by configuration:
 
@@ -24,12 +29,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Generic, Hashable, Iterator, Literal, NamedTuple, Protocol, TypeVar
+from typing import Callable, Generic, Hashable, Iterator, Literal, NamedTuple, Protocol, Sequence, TypeVar
 
 import numpy as np
 
 from service.artifact import INPUT_NAMES, Artifact, GraphMismatchError, TensorSignature
 from service.padding import (
+    AdaptInputs,
+    AdaptOutputs,
     EngineInputs,
     EngineOutputs,
     batch_bucket,
@@ -39,6 +46,8 @@ from service.padding import (
     powers_of_two,
     take_users,
 )
+from service.scoring import LabelUnits, NumpyScorer, Scorer, TorchScorer
+from warmstart.contract import ADAPT_INPUT_NAMES, random_codes, random_support
 from warmstart.torch_program import ProgramFormatError, load_program
 
 log = logging.getLogger(__name__)
@@ -61,9 +70,16 @@ class Engine(Protocol):
 
     description: str  # e.g. "onnxruntime:CPUExecutionProvider", "torch:cuda:0"
     on_gpu: bool
+    # The score step against the artifact's item table (on the engine's device); None when
+    # the artifact has none: then the fused graph serves every request.
+    scorer: Scorer | None
 
     def run(self, inputs: EngineInputs) -> EngineOutputs:
-        """Runs one padded batch; safe to call from several threads at once."""
+        """Runs one padded batch through the fused graph; safe to call from several threads at once."""
+        ...
+
+    def adapt(self, inputs: AdaptInputs) -> AdaptOutputs:
+        """Runs one padded batch through the adapt graph (only when `scorer` is set)."""
         ...
 
     def gpu_memory_bytes(self) -> dict[str, int]:
@@ -107,6 +123,22 @@ def create_engine(artifact: Artifact, config: EngineConfig) -> Engine:
     return TorchEngine(artifact, config)
 
 
+def label_units(artifact: Artifact) -> LabelUnits:
+    return LabelUnits(artifact.label.kind, artifact.label.min_value, artifact.label.max_value)
+
+
+def adapt_outputs(names: Sequence[str], arrays: Sequence[np.ndarray]) -> AdaptOutputs:
+    """The adapt graph's outputs (in contract order, `names`) as AdaptOutputs."""
+    by_name = dict(zip(names, arrays))
+    return AdaptOutputs(
+        by_name["user_bias"],
+        by_name["user_factors"],
+        by_name.get("user_engagement"),
+        by_name["support_loss_before"],
+        by_name["support_loss_after"],
+    )
+
+
 def nvidia_gpu_present() -> bool:
     """Whether the NVIDIA driver reports a GPU (checked before asking onnxruntime for
     CUDA, whose failed attempt on a CPU machine logs alarming errors)."""
@@ -146,10 +178,27 @@ class OnnxRuntimeEngine:
         )
         self._feeds = [(i, name) for i, name in enumerate(INPUT_NAMES) if name in {t.name for t in artifact.inputs}]
         self._outputs = list(artifact.output_names)
+        self.scorer: Scorer | None = None
+        if artifact.item_table is not None:
+            adapt_file = artifact.manifest.adapt_graph.onnx_file
+            self._adapt_session = ort.InferenceSession(str(artifact.adapt_onnx_path), options, providers=providers)
+            artifact.check_adapt_graph(
+                adapt_file,
+                [_ort_signature(i) for i in self._adapt_session.get_inputs()],
+                [_ort_signature(o) for o in self._adapt_session.get_outputs()],
+            )
+            present = {t.name for t in artifact.adapt_inputs}
+            self._adapt_feeds = [(i, name) for i, name in enumerate(ADAPT_INPUT_NAMES) if name in present]
+            self._adapt_outputs = list(artifact.adapt_output_names)
+            self.scorer = NumpyScorer(artifact.item_table, label_units(artifact))
 
     def run(self, inputs: EngineInputs) -> EngineOutputs:
         outputs = self._session.run(self._outputs, {name: inputs[i] for i, name in self._feeds})
         return EngineOutputs(*outputs)
+
+    def adapt(self, inputs: AdaptInputs) -> AdaptOutputs:
+        outputs = self._adapt_session.run(self._adapt_outputs, {name: inputs[i] for i, name in self._adapt_feeds})
+        return adapt_outputs(self._adapt_outputs, outputs)
 
     def gpu_memory_bytes(self) -> dict[str, int]:
         return {}  # onnxruntime exposes no allocator statistics to Python
@@ -171,23 +220,26 @@ def _torch_device(config: EngineConfig):
     return torch.device("cpu")
 
 
-def _load_program(artifact: Artifact, device):
+def _load_program(artifact: Artifact, device, adapt: bool = False):
     """The torch program (warmstart.torch_program: no pickle) as a module on `device`,
-    checked against the manifest."""
-    file = artifact.manifest.graph.torch_export_file
+    checked against the manifest: the fused graph's, or the adapt graph's."""
+    graph = artifact.manifest.adapt_graph if adapt else artifact.manifest.graph
+    file = graph.torch_export_file
     try:
-        program = load_program(artifact.torch_export_path)
+        program = load_program(artifact.adapt_torch_export_path if adapt else artifact.torch_export_path)
     except ProgramFormatError as exc:
         raise GraphMismatchError(file, f"not a warmstart torch program: {exc}") from exc
     inputs, outputs = _program_signature(program)
-    if [t.name for t in inputs] != list(INPUT_NAMES):
-        raise GraphMismatchError(file, f"inputs {[t.name for t in inputs]}, expected {list(INPUT_NAMES)} in that order")
-    expected = artifact.output_names
+    input_names = ADAPT_INPUT_NAMES if adapt else INPUT_NAMES
+    if [t.name for t in inputs] != list(input_names):
+        raise GraphMismatchError(file, f"inputs {[t.name for t in inputs]}, expected {list(input_names)} in that order")
+    expected = artifact.adapt_output_names if adapt else artifact.output_names
     if len(outputs) != len(expected):
         raise GraphMismatchError(file, f"{len(outputs)} outputs, expected {len(expected)} ({', '.join(expected)})")
-    # The program's outputs are unnamed: they are the manifest's outputs in OUTPUT_NAMES order.
+    # The program's outputs are unnamed: they are the manifest's outputs in contract order.
     named_outputs = [TensorSignature(name, t.dtype, t.shape) for name, t in zip(expected, outputs)]
-    artifact.check_graph(file, inputs, named_outputs, extra_inputs_ok=True)
+    check = artifact.check_adapt_graph if adapt else artifact.check_graph
+    check(file, inputs, named_outputs, extra_inputs_ok=True)
     return program.module().to(device)
 
 
@@ -218,26 +270,15 @@ def sample_inputs(artifact: Artifact, batch: int, support: int, query: int, rng:
     label range, ragged support sets (prefix masks; the first user has none)."""
     encoder = artifact.encoder
 
-    def codes(fields, width: int, lead: tuple[int, ...]) -> np.ndarray:
-        out = np.zeros((*lead, width), dtype=np.int64)
-        for f in fields:
-            out[..., f.offset : f.offset + f.width] = rng.integers(0, f.num_codes, size=(*lead, f.width))
-        return out
-
     def items(n: int) -> np.ndarray:
         catalog = artifact.catalog.codes
         if len(catalog) == 0:
-            return codes(encoder.item_fields, encoder.item_width, (batch, n))
+            return random_codes(encoder.item_fields, encoder.item_width, (batch, n), rng)
         return catalog[rng.integers(0, len(catalog), size=(batch, n))]
 
-    users = codes(encoder.user_fields, encoder.user_width, (batch,))
-    lengths = rng.integers(0, support + 1, size=batch)
-    lengths[0] = 0
-    mask = (np.arange(support)[None, :] < lengths[:, None]).astype(np.float32)
-    if artifact.label.kind == "click":
-        labels = rng.integers(0, 2, size=(batch, support)).astype(np.float32)
-    else:
-        labels = rng.uniform(artifact.label.min_value, artifact.label.max_value, size=(batch, support)).astype(np.float32)
+    users = random_codes(encoder.user_fields, encoder.user_width, (batch,), rng)
+    label = artifact.label
+    labels, mask = random_support(batch, support, label.kind, label.min_value, label.max_value, rng)
     return EngineInputs(users, items(support), labels * mask, mask, items(query))
 
 
@@ -304,6 +345,11 @@ class TorchEngine:
         self.precision, _ = choose_precision(config.precision, self._device.type, self._run, checks)
         suffix = "" if self.precision == "fp32" else f" ({self.precision})"
         self.description = f"torch:{self._device}{suffix}"
+        self.scorer: Scorer | None = None
+        if artifact.item_table is not None:
+            self._adapt_module = _load_program(artifact, self._device, adapt=True)
+            self._adapt_names = artifact.adapt_output_names
+            self.scorer = TorchScorer(artifact.item_table, label_units(artifact), self._device)
 
     def _run(self, inputs: EngineInputs, precision: Precision) -> EngineOutputs:
         torch = self._torch
@@ -314,6 +360,12 @@ class TorchEngine:
 
     def run(self, inputs: EngineInputs) -> EngineOutputs:
         return self._run(inputs, self.precision)
+
+    def adapt(self, inputs: AdaptInputs) -> AdaptOutputs:
+        torch = self._torch
+        with torch.no_grad(), numerics(self.precision, self._device):
+            outputs = self._adapt_module(*(torch.from_numpy(a).to(self._device, non_blocking=True) for a in inputs))
+            return adapt_outputs(self._adapt_names, [o.detach().float().cpu().numpy() for o in outputs])
 
     def gpu_memory_bytes(self) -> dict[str, int]:
         return _cuda_memory(self._torch, self._device) if self.on_gpu else {}
@@ -372,7 +424,15 @@ class GraphCache(Generic[T]):
         return len(self._entries)
 
 
-_INPUT_DTYPES = ("int64", "int64", "float32", "float32", "int64")
+_INPUT_DTYPES = ("int64", "int64", "float32", "float32", "int64")  # the fused graph's; the adapt graph takes the first four
+
+
+def graph_input_shapes(key: GraphKey, widths: tuple[int, int]) -> list[tuple[int, ...]]:
+    """The input shapes of a bucket: the fused graph's, or (query 0) the adapt graph's."""
+    b, s, q = key
+    user_width, item_width = widths
+    shapes = [(b, user_width), (b, s, item_width), (b, s), (b, s), (b, q, item_width)]
+    return shapes if q else shapes[:4]
 
 
 class StaticGraph:
@@ -382,7 +442,8 @@ class StaticGraph:
     A run fills the host buffers (the request in the leading corner, zeros around it),
     copies them to the device, replays, copies the outputs back, all queued on one
     stream without waiting, and synchronises once, for the result. On CPU (tests) the
-    same buffers are used and "replay" runs the module eagerly on them."""
+    same buffers are used and "replay" runs the module eagerly on them. A key with query
+    0 is the adapt graph's bucket (four inputs, no query items)."""
 
     def __init__(self, torch, module, key: GraphKey, widths: tuple[int, int], device, precision: Precision, pool, stream) -> None:
         self._torch = torch
@@ -391,11 +452,9 @@ class StaticGraph:
         self._precision = precision
         self._stream = stream
         self.key = key
-        b, s, q = key
-        user_width, item_width = widths
-        shapes = ((b, user_width), (b, s, item_width), (b, s), (b, s), (b, q, item_width))
+        shapes = graph_input_shapes(key, widths)
         on_cuda = device.type == "cuda"
-        dtypes = [getattr(torch, d) for d in _INPUT_DTYPES]
+        dtypes = [getattr(torch, d) for d in _INPUT_DTYPES[: len(shapes)]]
         self.host_inputs = [torch.zeros(sh, dtype=dt, pin_memory=on_cuda) for sh, dt in zip(shapes, dtypes)]
         self.device_inputs = [torch.zeros(sh, dtype=dt, device=device) for sh, dt in zip(shapes, dtypes)]
         self._host_input_arrays = [t.numpy() for t in self.host_inputs]
@@ -430,9 +489,11 @@ class StaticGraph:
             outputs = self._forward()
         return outputs
 
-    def run(self, inputs: EngineInputs) -> EngineOutputs:
+    def run_arrays(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The graph's outputs for `inputs` (fewer users than the bucket is fine), copied
+        out of the host buffers and cut to the batch's users (not along other axes)."""
         torch = self._torch
-        users, query = inputs.query_items.shape[:2]
+        users = len(inputs[0])
         for target, source in zip(self._host_input_arrays, inputs):
             fill_padded(target, source)
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
@@ -446,14 +507,14 @@ class StaticGraph:
                 host_tensor.copy_(device_tensor, non_blocking=True)
         if self._stream is not None:
             self._stream.synchronize()  # the batch's one wait: its results are on the host
-        scores, before, after, *engagement = self._host_output_arrays
         # Copies: the host buffers are overwritten by the next batch.
-        return EngineOutputs(
-            scores[:users, :query].copy(),
-            before[:users].copy(),
-            after[:users].copy(),
-            engagement[0][:users, :query].copy() if engagement else None,
-        )
+        return [a[:users].copy() for a in self._host_output_arrays]
+
+    def run(self, inputs: EngineInputs) -> EngineOutputs:
+        """A fused-graph bucket's outputs for one batch, cut to its users and candidates."""
+        query = inputs.query_items.shape[1]
+        scores, before, after, *engagement = self.run_arrays(inputs)
+        return EngineOutputs(scores[:, :query], before, after, engagement[0][:, :query] if engagement else None)
 
 
 class CudaGraphEngine:
@@ -477,6 +538,8 @@ class CudaGraphEngine:
         if not on_cuda and config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self._module = _load_program(artifact, self._device)
+        self._adapt_module = _load_program(artifact, self._device, adapt=True) if artifact.item_table is not None else None
+        self._adapt_names = artifact.adapt_output_names
         self._widths = (artifact.encoder.user_width, artifact.encoder.item_width)
         self.batch_buckets = powers_of_two(1, config.max_graph_batch)
         self.graphs: GraphCache[StaticGraph] = GraphCache(config.max_cuda_graphs)
@@ -488,6 +551,9 @@ class CudaGraphEngine:
         self.precision, _ = choose_precision(config.precision, self._device.type, self._eager, checks)
         kind = "CUDA graphs" if on_cuda else "static buckets"
         self.description = f"torch:{self._device} ({kind}, {self.precision})"
+        self.scorer: Scorer | None = None
+        if artifact.item_table is not None:
+            self.scorer = TorchScorer(artifact.item_table, label_units(artifact), self._device)
 
     def _eager(self, inputs: EngineInputs, precision: Precision) -> EngineOutputs:
         """The program run directly (the precision check's reference)."""
@@ -499,7 +565,8 @@ class CudaGraphEngine:
     def _build(self, key: GraphKey) -> StaticGraph:
         what = "capturing a CUDA graph" if self.on_gpu else "allocating static buffers"
         log.info("%s for batch %d, support %d, query %d", what, *key)
-        return StaticGraph(self._torch, self._module, key, self._widths, self._device, self.precision, self._pool, self._stream)
+        module = self._module if key.query else self._adapt_module
+        return StaticGraph(self._torch, module, key, self._widths, self._device, self.precision, self._pool, self._stream)
 
     def run(self, inputs: EngineInputs) -> EngineOutputs:
         users = len(inputs.user_features)
@@ -510,6 +577,18 @@ class CudaGraphEngine:
                 key = graph_key(self.batch_buckets, chunk)
                 parts.append(self.graphs.get(key, lambda: self._build(key)).run(chunk))
         return concat_outputs(parts)
+
+    def adapt(self, inputs: AdaptInputs) -> AdaptOutputs:
+        """The adapt graph, one captured graph per (batch bucket, support) with query 0."""
+        users = len(inputs.user_features)
+        parts = []
+        with self._lock:
+            for rows in batch_slices(users, self.batch_buckets[-1]):
+                chunk = [a[rows] for a in inputs]
+                key = GraphKey(batch_bucket(self.batch_buckets, len(chunk[0])), chunk[1].shape[1], 0)
+                parts.append(self.graphs.get(key, lambda: self._build(key)).run_arrays(chunk))
+        joined = [np.concatenate(arrays) if len(parts) > 1 else arrays[0] for arrays in zip(*parts)]
+        return adapt_outputs(self._adapt_names, joined)
 
     def gpu_memory_bytes(self) -> dict[str, int]:
         return _cuda_memory(self._torch, self._device) if self.on_gpu else {}

@@ -32,14 +32,49 @@ class EngineOutputs(NamedTuple):
     query_engagement: np.ndarray | None = None  # (B, Q) float32, models with an engagement head
 
 
+class AdaptInputs(NamedTuple):
+    """The adapt graph's inputs: the fused graph's without the query items."""
+
+    user_features: np.ndarray  # (B, user_width) int64
+    support_items: np.ndarray  # (B, S, item_width) int64
+    support_labels: np.ndarray  # (B, S) float32
+    support_mask: np.ndarray  # (B, S) float32
+
+
+class AdaptOutputs(NamedTuple):
+    """Each user's adapted parameters (the adapt graph's outputs)."""
+
+    user_bias: np.ndarray  # (B,) float32
+    user_factors: np.ndarray  # (B, d) float32
+    user_engagement: np.ndarray | None  # (B, e) float32, models with an engagement head
+    support_loss_before: np.ndarray  # (B,) float32
+    support_loss_after: np.ndarray  # (B,) float32
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    """What a Recommend call wants of its query: the top_k (0 = all) by one head, with
+    the excluded query positions dropped before the partition."""
+
+    top_k: int
+    by_engagement: bool
+    excluded: np.ndarray  # (n,) int64 positions in the query (catalog rows for the whole catalog)
+
+
 @dataclass(slots=True)
 class UserInputs:
-    """One user's encoded request, unpadded (built per request: slotted, not frozen)."""
+    """One user's encoded request, unpadded (built per request: slotted, not frozen).
+
+    The query is one of: `query_items`, encoded rows for the fused graph (candidates
+    encoded from inline attributes, or a model without an item table); `query_rows`,
+    rows of the item table; neither, the whole catalog (from the table)."""
 
     user_features: np.ndarray  # (user_width,)
     support_items: np.ndarray  # (n, item_width), n >= 0
     support_labels: np.ndarray  # (n,) float32
-    query_items: np.ndarray  # (q, item_width), q >= 1
+    query_items: np.ndarray | None = None  # (q, item_width), q >= 1
+    query_rows: np.ndarray | None = None  # (q,) int64 item-table rows
+    ranking: Ranking | None = None  # None: every query item's scores, in query order
 
     @property
     def support_size(self) -> int:
@@ -47,16 +82,18 @@ class UserInputs:
 
     @property
     def query_size(self) -> int:
-        return len(self.query_items)
+        """Items of the fused graph's query (0 when the item table scores the query)."""
+        return 0 if self.query_items is None else len(self.query_items)
 
 
 @dataclass(slots=True)
 class UserOutputs:
-    query_scores: np.ndarray  # (q,) float32
+    query_scores: np.ndarray  # (q,) float32: the query's (in query order), or the ranked items' (best first)
     support_loss_before: float
     support_loss_after: float
     query_engagement: np.ndarray | None = None  # (q,) float32, models with an engagement head
     finite: bool = False  # True: every query score is known to be finite (False: not checked, or not)
+    order: np.ndarray | None = None  # with a ranking: the chosen query positions, best first
 
 
 def powers_of_two(smallest: int, largest: int) -> tuple[int, ...]:
@@ -169,6 +206,22 @@ def pad_batch(users: Sequence[UserInputs], support_length: int, query_length: in
     return EngineInputs(user_features, support_items, support_labels, support_mask, query_items)
 
 
+def pad_support(users: Sequence[UserInputs], support_length: int) -> AdaptInputs:
+    """Stacks users' support sets into one adapt batch padded to support_length."""
+    b = len(users)
+    item_width = users[0].support_items.shape[1]
+    user_features = np.stack([u.user_features for u in users])
+    support_items = np.zeros((b, support_length, item_width), dtype=np.int64)
+    support_labels = np.zeros((b, support_length), dtype=np.float32)
+    support_mask = np.zeros((b, support_length), dtype=np.float32)
+    for i, user in enumerate(users):
+        n = user.support_size
+        support_items[i, :n] = user.support_items
+        support_labels[i, :n] = user.support_labels
+        support_mask[i, :n] = 1.0
+    return AdaptInputs(user_features, support_items, support_labels, support_mask)
+
+
 def split_batch(outputs: EngineOutputs, users: Sequence[UserInputs]) -> list[UserOutputs]:
     """Each user's unpadded share of a batch's outputs (views), each marked finite when the
     whole batch's scores are: one check per batch instead of one per user."""
@@ -187,6 +240,11 @@ def split_batch(outputs: EngineOutputs, users: Sequence[UserInputs]) -> list[Use
         )
         for i, user in enumerate(users)
     ]
+
+
+def zero_support(batch_size: int, support_length: int, user_width: int, item_width: int) -> AdaptInputs:
+    """An all-padding adapt batch of the given shape (warm-up)."""
+    return AdaptInputs(*zero_batch(batch_size, support_length, 1, user_width, item_width)[:4])
 
 
 def zero_batch(batch_size: int, support_length: int, query_length: int, user_width: int, item_width: int) -> EngineInputs:

@@ -22,12 +22,24 @@ from functools import cached_property
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import numpy as np
+
 from service.artifact import Artifact, ArtifactError, load_artifact
 from service.onboarding import OnboardingTables, onboarding_tables
 from service.config import ConfigError
 from service.engines import Engine, EngineConfig, create_engine
 from service.metrics import Metrics
-from service.padding import EngineInputs, EngineOutputs, ShapeBuckets, zero_batch
+from service.padding import (
+    ShapeBuckets,
+    UserInputs,
+    UserOutputs,
+    pad_batch,
+    pad_support,
+    split_batch,
+    zero_batch,
+    zero_support,
+)
+from service.scoring import rank_outputs
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +100,32 @@ class LoadedModel:
     def inner_steps(self) -> int:
         return self.artifact.inner_steps
 
-    def run(self, inputs: EngineInputs) -> EngineOutputs:
-        return self.engine.run(inputs)
+    @property
+    def scores_from_table(self) -> bool:
+        """Whether catalog items are scored from the item table (adapt, then score) rather
+        than through the fused graph."""
+        return self.engine.scorer is not None
+
+    def query_bucket(self, user: UserInputs) -> int:
+        """The padded query length of the user's fused-graph batch; 0 for the table path
+        (its batches are padded along the support only)."""
+        return 0 if user.query_items is None else self.buckets.query_length(user.query_size)
+
+    def run_users(self, users: list[UserInputs], support_length: int, query_length: int) -> list[UserOutputs]:
+        """One batch of users of one query bucket: adapted and scored against the item table
+        (query_length 0), or through the fused graph; ranked where they ask for it."""
+        b = len(users)
+        if query_length == 0:
+            adapted = self.engine.adapt(pad_support(users, support_length))
+            if adapted.user_bias.shape != (b,) or adapted.support_loss_before.shape != (b,) or adapted.support_loss_after.shape != (b,):
+                raise RuntimeError(f"adapt graph returned shapes {[None if a is None else a.shape for a in adapted]} for {b} users")
+            return self.engine.scorer.score(users, adapted)
+        outputs = self.engine.run(pad_batch(users, support_length, query_length))
+        if outputs.query_scores.shape != (b, query_length) or outputs.support_loss_before.shape != (b,) or outputs.support_loss_after.shape != (b,):
+            raise RuntimeError(
+                f"engine returned shapes {[o.shape for o in outputs if o is not None]} for a batch of {b} users with {query_length} query items"
+            )
+        return [rank_outputs(output, user.ranking) for output, user in zip(split_batch(outputs, users), users)]
 
 
 def load_model(path: Path, settings: ModelSettings, engine_factory: EngineFactory = create_engine) -> LoadedModel:
@@ -110,8 +146,12 @@ def load_model(path: Path, settings: ModelSettings, engine_factory: EngineFactor
         raise ModelLoadError(version, exc.reason, str(exc)) from exc
     except Exception as exc:  # onnxruntime and torch raise their own types for unloadable graphs
         raise ModelLoadError(version, "engine", f"the engine could not load it: {exc}") from exc
-    max_query = max(settings.max_candidates, artifact.catalog.size)
+    # With an item table the fused graph serves only candidates encoded from inline
+    # attributes (at most max_candidates); without one it ranks the whole catalog too.
+    max_query = settings.max_candidates if engine.scorer is not None else max(settings.max_candidates, artifact.catalog.size)
     buckets = ShapeBuckets.build(settings.min_support_bucket, settings.max_interactions, settings.min_query_bucket, max_query)
+    if engine.scorer is None:
+        log.warning("%s has no item table: the whole catalog is scored through the fused graph (re-export for faster ranking)", path)
     try:
         warm_up(engine, buckets, artifact, settings.warmup_batch_size)
     except Exception as exc:
@@ -126,13 +166,27 @@ def load_model(path: Path, settings: ModelSettings, engine_factory: EngineFactor
 def warm_up(engine: Engine, buckets: ShapeBuckets, artifact: Artifact, batch_size: int) -> None:
     """Runs every (support, query) bucket at batch 1 and at the largest batch, so that no
     request pays for a first run (allocation plans, kernel selection) and a broken graph
-    is refused before it serves."""
+    is refused before it serves; with an item table, every support bucket of the adapt
+    graph too, and the score step over the whole catalog."""
     encoder = artifact.encoder
+    widths = (encoder.user_width, encoder.item_width)
     for support_length, query_length in buckets.shapes():
         for b in sorted({1, batch_size}):
-            outputs = engine.run(zero_batch(b, support_length, query_length, encoder.user_width, encoder.item_width))
+            outputs = engine.run(zero_batch(b, support_length, query_length, *widths))
             if outputs.query_scores.shape != (b, query_length):
                 raise RuntimeError(f"query_scores has shape {outputs.query_scores.shape}, expected {(b, query_length)}")
+    if engine.scorer is None:
+        return
+    for support_length in buckets.support:
+        for b in sorted({1, batch_size}):
+            adapted = engine.adapt(zero_support(b, support_length, *widths))
+            if adapted.user_bias.shape != (b,):
+                raise RuntimeError(f"user_bias has shape {adapted.user_bias.shape}, expected {(b,)}")
+    user = UserInputs(np.zeros(encoder.user_width, dtype=np.int64), np.zeros((0, encoder.item_width), dtype=np.int64), np.zeros(0, dtype=np.float32))
+    adapted = engine.adapt(pad_support([user], buckets.support[0]))
+    (output,) = engine.scorer.score([user], adapted)
+    if output.query_scores.shape != (artifact.catalog.size,):
+        raise RuntimeError(f"the score step returned {output.query_scores.shape} scores for a catalog of {artifact.catalog.size}")
 
 
 def list_versions(model_dir: Path) -> list[str]:

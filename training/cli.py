@@ -517,6 +517,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refresh_catalog(args: argparse.Namespace) -> int:
+    from training.export import next_version
+    from training.refresh import read_ids, read_items_csv, refresh_catalog
+
+    model_dir = args.repository / args.name
+    source = args.from_version or str(int(next_version(model_dir)) - 1)
+    if source == "0":
+        raise FileNotFoundError(f"{model_dir} holds no version to refresh")
+    added = read_items_csv(args.add) if args.add else {}
+    removed = read_ids(args.remove) if args.remove else []
+    result = refresh_catalog(model_dir / source, added, removed, version=args.version, allow_unknown_values=args.allow_unknown_values)
+    print(f"artifact: {result.path} ({result.added} items added, {result.removed} removed, {result.wall_time_s:.2f} s)")
+    return 0
+
+
 # -- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -628,6 +643,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="warmstart", help="model name")
     p.add_argument("--version", default=None, help="version to write (default: one above the highest present)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "refresh-catalog",
+        help="write a new version of an artifact with catalog items added (encoded from their attributes) or removed, without retraining",
+    )
+    p.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
+    p.add_argument("--name", default="warmstart", help="model name")
+    p.add_argument("--from-version", default=None, help="version to start from (default: the highest integer version)")
+    p.add_argument("--version", default=None, help="version to write (default: one above the highest present)")
+    p.add_argument("--add", type=Path, default=None, help="CSV of items to add: header item_id,<attribute>,...; multi-valued values joined by |")
+    p.add_argument("--remove", type=Path, default=None, help="file of item ids to remove, one per line")
+    p.add_argument(
+        "--allow-unknown-values",
+        action="store_true",
+        help="encode attribute values outside the vocabulary as out-of-vocabulary instead of refusing them",
+    )
+    p.set_defaults(func=cmd_refresh_catalog)
     return parser
 
 

@@ -676,7 +676,7 @@ def remove_abandoned_partials(model_dir: Path) -> list[Path]:
         else:
             abandoned = time.time() - path.stat().st_mtime > PARTIAL_MAX_AGE_S
         if abandoned:
-            for sub in [path, *path.rglob("*")]:  # _make_read_only may have run before the kill
+            for sub in [path, *path.rglob("*")]:  # make_read_only may have run before the kill
                 if sub.is_dir() and not sub.is_symlink():
                     sub.chmod(0o755)
             shutil.rmtree(path, ignore_errors=True)

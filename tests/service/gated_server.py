@@ -17,7 +17,7 @@ import sys
 from service.artifact import Artifact
 from service.config import configure_logging, parse_config
 from service.engines import Engine, EngineConfig, create_engine
-from service.padding import EngineInputs, EngineOutputs
+from service.padding import AdaptInputs, AdaptOutputs, EngineInputs, EngineOutputs
 from service.server import serve
 from service.workers import resolve_workers, supervise
 
@@ -29,12 +29,21 @@ class StdinGatedEngine:
         self._inner = inner
         self.description = inner.description
         self.on_gpu = inner.on_gpu
+        self.scorer = inner.scorer
 
-    def run(self, inputs: EngineInputs) -> EngineOutputs:
-        if inputs.support_mask.any():  # a real request (warm-up batches are all padding)
+    @staticmethod
+    def _gate(support_mask) -> None:
+        if support_mask.any():  # a real request (warm-up batches are all padding)
             print("ENGINE_ENTERED", flush=True)
             sys.stdin.readline()
+
+    def run(self, inputs: EngineInputs) -> EngineOutputs:
+        self._gate(inputs.support_mask)
         return self._inner.run(inputs)
+
+    def adapt(self, inputs: AdaptInputs) -> AdaptOutputs:
+        self._gate(inputs.support_mask)
+        return self._inner.adapt(inputs)
 
     def gpu_memory_bytes(self) -> dict[str, int]:
         return {}

@@ -12,7 +12,7 @@ import pytest
 from service.batcher import BatcherConfig, DynamicBatcher
 from service.errors import DeadlineExpired, EngineFailure, NotReady, Overloaded
 from service.metrics import Metrics
-from service.padding import EngineInputs, EngineOutputs, ShapeBuckets, UserInputs, pad_batch, powers_of_two
+from service.padding import EngineInputs, EngineOutputs, ShapeBuckets, UserInputs, UserOutputs, pad_batch, powers_of_two, split_batch
 
 ITEM_WIDTH = 3
 
@@ -40,6 +40,12 @@ class FakeModel:
         label_sum = (inputs.support_labels * inputs.support_mask).sum(axis=1)
         scores = inputs.query_items[:, :, 0].astype(np.float32) + label_sum[:, None]
         return EngineOutputs(scores, inputs.support_mask.sum(axis=1), label_sum)
+
+    def query_bucket(self, user: UserInputs) -> int:
+        return self.buckets.query_length(user.query_size)
+
+    def run_users(self, users: list[UserInputs], support_length: int, query_length: int) -> list[UserOutputs]:
+        return split_batch(self.run(pad_batch(users, support_length, query_length)), users)
 
 
 def user(n_support: int, n_query: int, seed: int) -> UserInputs:

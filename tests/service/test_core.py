@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from service.batcher import BatcherConfig, DynamicBatcher
-from service.core import RecommenderCore, RequestLimits, top_k
+from service.core import RecommenderCore, RequestLimits
+from service.scoring import top_k
 from service.domain import Interactions, ItemList, RecommendQuery, ScoreQuery, UserContext
 from service.engines import EngineConfig
 from service.errors import InvalidArgument, NotReady
 from service.metrics import Metrics
 from service.repository import ModelSettings, load_model
-from tests.service.harness import edit_manifest, writable_copy
+from tests.service.harness import edit_manifest, without_item_table, writable_copy
 
 SETTINGS = ModelSettings(EngineConfig(), max_interactions=8, max_candidates=32, warmup_batch_size=4)
 
@@ -80,6 +81,7 @@ def test_new_items_need_attributes(model, item_ids):
 
 def test_empty_candidates_need_a_catalog(tiny_artifact: Path, tmp_path: Path, item_ids):
     copy = writable_copy(tiny_artifact, tmp_path / "tiny" / "1")
+    without_item_table(copy)  # the item table has a row per catalog item: none without a catalog
     edit_manifest(copy, lambda m: m.update(catalog={"ids_file": "", "features_file": "", "size": "0"}))
     no_catalog = load_model(copy, SETTINGS)
     assert no_catalog.artifact.catalog.size == 0
@@ -99,12 +101,29 @@ def test_not_ready_without_a_model():
 
 
 def test_top_k_orders_and_breaks_ties_by_position():
+    none = np.zeros(0, dtype=np.int64)
     scores = np.array([0.5, 2.0, 2.0, -1.0, 3.0], dtype=np.float32)
-    assert top_k(scores, np.arange(5), 0).tolist() == [4, 1, 2, 0, 3]
-    assert top_k(scores, np.arange(5), 2).tolist() == [4, 1]  # 1 and 2 tie at the cut-off
+    assert top_k(scores, none, 0).tolist() == [4, 1, 2, 0, 3]
+    assert top_k(scores, none, 2).tolist() == [4, 1]  # 1 and 2 tie at the cut-off
     tied = np.zeros(1000, dtype=np.float32)
-    assert top_k(tied, np.arange(1000), 3).tolist() == [0, 1, 2]
-    assert top_k(scores, np.array([0, 2, 3]), 2).tolist() == [2, 0]
-    assert top_k(scores, np.arange(5), 10).tolist() == [4, 1, 2, 0, 3]
-    assert top_k(scores, np.array([], dtype=np.int64), 3).tolist() == []
+    assert top_k(tied, none, 3).tolist() == [0, 1, 2]
+    assert top_k(scores, np.array([1, 4]), 2).tolist() == [2, 0]
+    assert top_k(scores, none, 10).tolist() == [4, 1, 2, 0, 3]
+    assert top_k(scores, np.arange(5), 3).tolist() == []
 
+
+def test_top_k_partitions_large_lists_as_a_stable_sort_would():
+    """Beyond FULL_SORT_MAX the partition path: exclusions before it, ties at the cut-off
+    by position, non-finite keys after every finite one, never an excluded item."""
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 50, size=20_000).astype(np.float32)  # many ties
+    scores[[5, 17]] = np.nan
+    scores[99] = np.inf
+    excluded = rng.choice(20_000, size=300, replace=False)
+    key = np.where(np.isfinite(scores), scores, np.float32(np.finfo(np.float32).min))
+    key[excluded] = -np.inf
+    reference = np.argsort(-key, kind="stable")
+    for k in (1, 10, 1000, 19_700, 0):
+        expected = reference[: k or 19_700]
+        assert top_k(scores, excluded, k).tolist() == expected.tolist()
+    assert not set(top_k(scores, excluded, 0).tolist()) & set(excluded.tolist())

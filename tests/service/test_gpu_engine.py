@@ -275,6 +275,35 @@ def test_cuda_graphs_equal_the_cpu_reference_on_fresh_inputs_every_replay(artifa
 
 @pytest.mark.gpu
 @requires_cuda
+def test_cuda_adapt_graphs_and_device_scoring_equal_the_cpu_reference(artifact, reference, cuda_graphs):
+    """The adapt graph's captured buckets and the top-k on the device (torch.topk) against
+    onnxruntime's adapt graph and the numpy scorer, whole catalog and candidate rows."""
+    from service.padding import AdaptInputs, Ranking, UserInputs
+
+    rng = np.random.default_rng(12)
+    none = np.zeros(0, dtype=np.int64)
+    for users, support in ((1, 1), (5, 16), (64, 32), (70, 8)):
+        inputs = sample_inputs(artifact, users, support, 1, rng)
+        support_only = AdaptInputs(*inputs[:4])
+        on_device, on_cpu = cuda_graphs.adapt(support_only), reference.adapt(support_only)
+        for a, b in zip(on_device, on_cpu):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+        size = artifact.catalog.size
+        queries = [
+            UserInputs(inputs.user_features[i], inputs.support_items[i], inputs.support_labels[i],
+                       query_rows=None if i % 2 else rng.choice(size, size=min(20, size), replace=False),
+                       ranking=Ranking(5, bool(i % 3), rng.choice(size, size=2, replace=False) if i % 2 else none))
+            for i in range(users)
+        ]
+        for got, want in zip(cuda_graphs.scorer.score(queries, on_cpu), reference.scorer.score(queries, on_cpu)):
+            assert got.order.tolist() == want.order.tolist()
+            np.testing.assert_allclose(got.query_scores, want.query_scores, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(got.query_engagement, want.query_engagement, atol=1e-4, rtol=0)
+    assert any(key.query == 0 for key in cuda_graphs.graphs.keys())  # the adapt buckets were captured
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_cuda_graph_outputs_are_rewritten_after_poisoning(artifact, reference, cuda_graphs):
     rng = np.random.default_rng(11)
     cuda_graphs.run(sample_inputs(artifact, 8, 16, 64, rng))

@@ -24,7 +24,7 @@ from service.artifact import Artifact
 from service.engines import Engine, EngineConfig, create_engine
 from service.errors import GENERIC_INTERNAL_MESSAGE
 from service.metrics import METRIC_NAMES
-from service.padding import EngineInputs, EngineOutputs
+from service.padding import AdaptInputs, AdaptOutputs, EngineInputs, EngineOutputs
 from tests.service.harness import (
     WAIT_S,
     ServerThread,
@@ -52,14 +52,24 @@ class GatedEngine:
         self.fail = False
         self.shapes: list[tuple[int, int, int]] = []  # (users, support, query)
 
-    def run(self, inputs: EngineInputs) -> EngineOutputs:
-        b, s, _ = inputs.support_items.shape
-        self.shapes.append((b, s, inputs.query_items.shape[1]))
+        self.scorer = inner.scorer
+
+    def _enter(self, shape: tuple[int, int, int]) -> None:
+        self.shapes.append(shape)
         self.entered.set()
         assert self.gate.wait(WAIT_S), "the test never opened the gate"
         if self.fail:
             raise RuntimeError("simulated engine failure")
+
+    def run(self, inputs: EngineInputs) -> EngineOutputs:
+        b, s, _ = inputs.support_items.shape
+        self._enter((b, s, inputs.query_items.shape[1]))
         return self._inner.run(inputs)
+
+    def adapt(self, inputs: AdaptInputs) -> AdaptOutputs:
+        b, s, _ = inputs.support_items.shape
+        self._enter((b, s, 0))  # query 0: the adapt graph (candidates scored from the item table)
+        return self._inner.adapt(inputs)
 
     def gpu_memory_bytes(self) -> dict[str, int]:
         return {}
@@ -256,15 +266,15 @@ def test_expired_requests_are_dropped_before_the_engine(tiny_repository: Path, i
         engine.entered.clear()
         engine.shapes.clear()
         rng = np.random.default_rng(4)
-        blocker = server.stub.Recommend.future(recommend_request(item_ids, 2, 10, rng))  # query bucket 16
+        blocker = server.stub.Recommend.future(recommend_request(item_ids, 2, 10, rng))
         assert engine.entered.wait(WAIT_S)
-        doomed = server.stub.Recommend.future(recommend_request(item_ids, 2, 100, rng), timeout=0.3)  # bucket 128
+        doomed = server.stub.Recommend.future(recommend_request(item_ids, 2, 100, rng), timeout=0.3)
         assert doomed.exception(timeout=WAIT_S).code() == grpc.StatusCode.DEADLINE_EXCEEDED
         engine.gate.set()
         blocker.result(timeout=WAIT_S)
-        after = server.stub.Recommend(recommend_request(item_ids, 2, 40, rng))  # bucket 64: queued after the doomed one
+        after = server.stub.Recommend(recommend_request(item_ids, 2, 40, rng))  # queued after the doomed one
         assert after.items
-        assert [q for _, _, q in engine.shapes] == [16, 64]  # the doomed request never ran
+        assert [b for b, _, _ in engine.shapes] == [1, 1]  # two calls of one user each: the doomed request never ran
         dropped = server.metric("warmstart_rejects_total", reason="cancelled") + server.metric(
             "warmstart_rejects_total", reason="deadline_exceeded"
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,8 @@ import numpy as np
 
 from service.artifact import Artifact
 from service.engines import Engine, EngineConfig, create_engine
-from service.padding import EngineInputs, EngineOutputs
+from service.padding import AdaptInputs, AdaptOutputs, EngineInputs, EngineOutputs, UserOutputs
+from service.scoring import Scorer
 from tests.service.harness import ServerThread, make_config, recommend_request
 from warmstart.v1 import recommender_pb2 as pb, recommender_pb2_grpc as pb_grpc
 
@@ -30,19 +32,43 @@ class SlowEngine:
         self.description = inner.description
         self.on_gpu = inner.on_gpu
         self.nan_scores = False
+        self.scorer = None if inner.scorer is None else NonFiniteScorer(inner.scorer, self)
 
     def run(self, inputs: EngineInputs) -> EngineOutputs:
         time.sleep(ENGINE_S)
         outputs = self._inner.run(inputs)
         if self.nan_scores:
-            scores = outputs.query_scores.copy()
-            scores[:, ::2] = np.nan
-            scores[:, 1::4] = np.inf
-            return EngineOutputs(scores, outputs.support_loss_before, outputs.support_loss_after)
+            return EngineOutputs(with_non_finite(outputs.query_scores), outputs.support_loss_before, outputs.support_loss_after)
         return outputs
+
+    def adapt(self, inputs: AdaptInputs) -> AdaptOutputs:
+        time.sleep(ENGINE_S)
+        return self._inner.adapt(inputs)
 
     def gpu_memory_bytes(self) -> dict[str, int]:
         return {}
+
+
+def with_non_finite(scores: np.ndarray) -> np.ndarray:
+    """Scores (..., n) with every second NaN and every fourth from the second infinite."""
+    scores = scores.copy()
+    scores[..., ::2] = np.nan
+    scores[..., 1::4] = np.inf
+    return scores
+
+
+class NonFiniteScorer:
+    """The engine's score step, its scores made non-finite while the engine says so."""
+
+    def __init__(self, inner: Scorer, engine: SlowEngine) -> None:
+        self._inner = inner
+        self._engine = engine
+
+    def score(self, users, adapted: AdaptOutputs) -> list[UserOutputs]:
+        outputs = self._inner.score(users, adapted)
+        if not self._engine.nan_scores:
+            return outputs
+        return [replace(o, query_scores=with_non_finite(o.query_scores)) for o in outputs]
 
 
 class SlowFactory:

@@ -169,7 +169,7 @@ def test_partial_directories_of_killed_exports_are_removed(tmp_path: Path):
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)
-    tag = E._owner_tag().rsplit("-", 1)[0]
+    tag = E.owner_tag().rsplit("-", 1)[0]
     dead = tmp_path / f".3.partial-{tag}-{dead_pid}-abc"
     live = tmp_path / f".4.partial-{tag}-{os.getpid()}-def"
     foreign_old = tmp_path / ".5.partial-otherhost-1-ghi"
@@ -177,7 +177,7 @@ def test_partial_directories_of_killed_exports_are_removed(tmp_path: Path):
     for directory in (dead, live, foreign_old, foreign_new):
         (directory / "vocab").mkdir(parents=True)
         (directory / "vocab" / "f.txt").write_text("x\n")
-    (dead / "vocab").chmod(0o555)  # as _make_read_only leaves it
+    (dead / "vocab").chmod(0o555)  # as make_read_only leaves it
     old = time.time() - E.PARTIAL_MAX_AGE_S - 60
     os.utime(foreign_old, (old, old))
     removed = E.remove_abandoned_partials(tmp_path)
