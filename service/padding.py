@@ -92,8 +92,8 @@ class UserOutputs:
     support_loss_before: float
     support_loss_after: float
     query_engagement: np.ndarray | None = None  # (q,) float32, models with an engagement head
-    finite: bool = False  # True: every query score is known to be finite (False: not checked, or not)
     order: np.ndarray | None = None  # with a ranking: the chosen query positions, best first
+    finite: bool = False  # True: every query score is known to be finite (False: not checked, or not)
 
 
 def powers_of_two(smallest: int, largest: int) -> tuple[int, ...]:
@@ -236,7 +236,7 @@ def split_batch(outputs: EngineOutputs, users: Sequence[UserInputs]) -> list[Use
             before[i],
             after[i],
             None if engagement is None else engagement[i, : user.query_size],
-            finite,
+            finite=finite,
         )
         for i, user in enumerate(users)
     ]

@@ -177,7 +177,9 @@ def rank_outputs(output: UserOutputs, ranking: Ranking | None) -> UserOutputs:
     key = output.query_engagement if by_engagement else output.query_scores
     order = top_k(key, ranking.excluded, ranking.top_k)
     engagement = None if output.query_engagement is None else output.query_engagement[order]
-    return UserOutputs(output.query_scores[order], output.support_loss_before, output.support_loss_after, engagement, order)
+    return UserOutputs(
+        output.query_scores[order], output.support_loss_before, output.support_loss_after, engagement, order, output.finite
+    )
 
 
 class TorchScorer:
