@@ -52,17 +52,25 @@ class StdinGatedEngine:
 class SocketGatedEngine:
     def __init__(self, inner: Engine, gate: str) -> None:
         self._inner = inner
-        self._gate = gate
+        self._gate_path = gate
         self.description = inner.description
         self.on_gpu = inner.on_gpu
+        self.scorer = inner.scorer
 
-    def run(self, inputs: EngineInputs) -> EngineOutputs:
-        if inputs.support_mask.any():
+    def _gate(self, support_mask) -> None:
+        if support_mask.any():  # a real request (warm-up batches are all padding)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gate:
-                gate.connect(self._gate)
+                gate.connect(self._gate_path)
                 gate.sendall(f"{os.getpid()}\n".encode())
                 gate.recv(1)  # returns when the test closes its end
+
+    def run(self, inputs: EngineInputs) -> EngineOutputs:
+        self._gate(inputs.support_mask)
         return self._inner.run(inputs)
+
+    def adapt(self, inputs: AdaptInputs) -> AdaptOutputs:
+        self._gate(inputs.support_mask)
+        return self._inner.adapt(inputs)
 
     def gpu_memory_bytes(self) -> dict[str, int]:
         return {}

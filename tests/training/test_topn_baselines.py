@@ -180,6 +180,6 @@ def test_tuned_baselines_fit_on_validation_users_and_score_the_catalog() -> None
 
 def test_registry_names_and_errors() -> None:
     methods = make_topn_methods(list(TOPN_METHOD_HELP))
-    assert [m.name for m in methods] == list(TOPN_METHOD_HELP) == ["popular", "itemknn", "ease", "ials", "warmstart"]
+    assert [m.name for m in methods] == list(TOPN_METHOD_HELP) == ["popular", "itemknn", "ease", "ials", "warmstart", "memory"]
     with pytest.raises(ValueError, match="unknown top-N methods"):
         make_topn_methods(["popular", "nope"])
