@@ -127,6 +127,24 @@ def measure(port: int, item_ids: list[str], rounds: int, warmup: int, seed: int)
     return latencies
 
 
+def wait_until_serving(port: int, timeout_s: float = 300.0) -> None:
+    """Blocks until the server's health check says SERVING (the model loaded and warmed up)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server on port {port} did not become SERVING within {timeout_s} s")
+            time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path, action="append", default=[], help="artifact directory <repo>/<name>/<version> (repeat)")
@@ -155,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             item_ids = (artifact / "catalog_items.txt").read_text(encoding="utf-8").split("\n")[:-1]
             process, port = start_server(repository, artifact.parent.name, args.server_arg)
             try:
+                wait_until_serving(port)
                 latencies = measure(port, item_ids, args.rounds, args.warmup, args.seed)
             finally:
                 process.terminate()
