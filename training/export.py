@@ -222,6 +222,11 @@ def device_pinned_nodes(program: torch.export.ExportedProgram) -> list[str]:
     return pinned
 
 
+def _worst_difference(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    """Largest absolute difference between paired outputs (0 for empty ones)."""
+    return max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(reference, candidate))
+
+
 def verify(
     adapted: AdaptedModel,
     onnx_path: Path,
@@ -244,8 +249,8 @@ def verify(
             exported = [t.detach().numpy() for t in module(*batch)]
         feeds = {name: t.numpy() for name, t in zip(INPUT_NAMES, batch) if name in onnx_inputs}
         from_onnx = session.run(list(output_names(adapted)), feeds)
-        diff_onnx = max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(reference, from_onnx))
-        diff_export = max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(reference, exported))
+        diff_onnx = _worst_difference(reference, from_onnx)
+        diff_export = _worst_difference(reference, exported)
         finite = all(np.all(np.isfinite(x)) for x in (*reference, *from_onnx, *exported))
         if not finite:
             raise ExportError(f"non-finite outputs at {shape.describe()}")
@@ -281,8 +286,8 @@ def verify_adapt(
         checks.append(
             pb.ExportCheck(
                 shape=f"adapt {shape.describe()}",
-                max_abs_diff_onnx=max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(reference, from_onnx)),
-                max_abs_diff_torch_export=max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(reference, exported)),
+                max_abs_diff_onnx=_worst_difference(reference, from_onnx),
+                max_abs_diff_torch_export=_worst_difference(reference, exported),
             )
         )
     return checks
