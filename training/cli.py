@@ -310,11 +310,11 @@ def cmd_evaluate_topn(args: argparse.Namespace) -> int:
         f"`{dataset.fingerprint()[:12]}`); protocol seed {args.seed}, {args.folds} folds, users with "
         f"{args.min_interactions}-{args.max_interactions} interactions; support = each test user's first K "
         f"interactions, relevant = their later ones, sections: {relevant}; candidates = the whole catalog "
-        f"minus the support; wall time {elapsed:.0f} s."
+        f"minus the support (in scenarios with withheld new items: the new items minus the support); wall time {elapsed:.0f} s."
     )
     extra = {
         f"Catalog coverage@{COVERAGE_CUTOFF}": "Distinct items in the top-20 lists of every evaluated user (all folds "
-        "pooled) / catalog size; in brackets the range over folds.\n\n"
+        "pooled) / candidate items (the catalog; the new items where they are withheld); in brackets the range over folds.\n\n"
         + "\n\n".join(f"**{name}**\n\n{coverage_table(coverage, name)}" for name in section_names if any(c["scenario"] == name for c in coverage)),
         "Chosen hyper-parameters": _settings_table(settings),
     }

@@ -382,7 +382,8 @@ _RATING_EXPLANATION = (
 
 _TOPN_EXPLANATION = (
     "Each cell: value (difference vs `{reference}` [paired {confidence:.0%} CI]). "
-    "Metrics are computed per user over the whole catalog (the support masked out) and averaged over "
+    "Metrics are computed per user over the candidates (the whole catalog; the withheld new items in "
+    "new-item scenarios; the support masked out) and averaged over "
     "users: Recall@N = hits / min(N, relevant items), nDCG@N with binary gains and the ideal of "
     "min(N, relevant) hits at the top, popularity percentile@20 = the mean training-popularity "
     "percentile of the user's top 20 (100 = the most interacted item). Users with no relevant item at a "

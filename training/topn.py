@@ -13,7 +13,12 @@ user and each support size K:
 - a user with no relevant item at a K is left out at that K, for every method alike, so
   comparisons stay paired;
 - candidates = every catalog item (every item the dataset knows, the served catalog, new
-  items included) not in the support. The harness masks the support, never the method.
+  items included) not in the support; in the scenarios with withheld new items, the new
+  items not in the support (a product's "new arrivals" shelf, what Recommend serves when
+  it is sent those items as candidates). Ranked against the whole catalog there, no
+  method measured on MovieLens-100K put a single new item in any user's top 20 (the
+  trained items' popularity outranks every attribute-only score), so every method scored
+  0 and the scenario said nothing. The harness masks, never the method.
 
 Ties at the cut are broken deterministically: among equal scores the item with more
 training interactions comes first, then the earlier item in catalog (sorted id) order. A
@@ -271,6 +276,7 @@ class Ranker:
 
     items: np.ndarray  # (C,) catalog item ids, str objects
     counts: np.ndarray  # (C,) training interactions per item
+    candidates: np.ndarray | None = None  # (C,) bool: the items a list may hold (None = all)
     index: dict[str, int] = field(init=False)
     order: np.ndarray = field(init=False)
     percentiles: np.ndarray = field(init=False)
@@ -279,11 +285,24 @@ class Ranker:
         self.index = {item: j for j, item in enumerate(self.items)}
         self.order = tie_order(self.counts)
         self.percentiles = popularity_percentiles(self.counts)
+        if self.candidates is not None:
+            self.candidates = np.asarray(self.candidates, dtype=bool)
+            if self.candidates.shape != self.items.shape or not self.candidates.any():
+                raise ValueError(f"candidates must be a non-empty ({len(self.items)},) bool mask of the catalog")
+
+    @property
+    def n_candidates(self) -> int:
+        return len(self.items) if self.candidates is None else int(self.candidates.sum())
 
     @staticmethod
     def of(context: FitContext) -> "Ranker":
+        """The split's catalog; with withheld new items (and a split), only they are candidates."""
         items = catalog_items(context.dataset)
-        return Ranker(items, positive_counts(context.train, items))
+        candidates = None
+        new_items = set(context.split.new_items) if context.split is not None else set()
+        if new_items:
+            candidates = np.fromiter((item in new_items for item in items.tolist()), bool, len(items))
+        return Ranker(items, positive_counts(context.train, items), candidates)
 
     def lists(self, method: TopNMethod, tasks: Sequence[Task], n: int = COVERAGE_CUTOFF) -> np.ndarray:
         """(T, n) catalog positions each task's top n, the support masked out."""
@@ -295,7 +314,10 @@ class Ranker:
             raise RuntimeError(f"{method.name}: score_catalog returned shape {scores.shape}, expected {expected}")
         if not np.all(np.isfinite(scores)):
             raise RuntimeError(f"{method.name}: score_catalog returned non-finite scores")
-        return top_n(scores, support_mask(tasks, self.index, len(self.items)), self.order, n)
+        excluded = support_mask(tasks, self.index, len(self.items))
+        if self.candidates is not None:
+            excluded |= ~self.candidates
+        return top_n(scores, excluded, self.order, n)
 
 
 @dataclass
@@ -407,7 +429,7 @@ def evaluate_topn(
     for split in splits:
         context = fit_context(dataset, split, support_sizes, seed=split.protocol.seed + split.fold)
         ranker = Ranker.of(context)
-        catalog_size = len(ranker.items)
+        catalog_size = ranker.n_candidates  # the denominator of coverage
         tasks = {
             (relevance.name, k): build_topn_tasks(dataset, split, split.test_users, k, relevance, histories)
             for relevance in sections
@@ -430,7 +452,7 @@ def evaluate_topn(
                         continue
                     # every section's users are a subset of the primary section's (relevant only shrinks)
                     section_lists = lists[[position[task.user] for task in section_tasks]]
-                    relevant = relevance_matrix(section_tasks, ranker.index, catalog_size)
+                    relevant = relevance_matrix(section_tasks, ranker.index, len(ranker.items))
                     metrics = topn_metrics(section_lists, relevant)
                     popularity = mean_popularity(section_lists, ranker.percentiles)
                     section = relevance.section(split.protocol.scenario)

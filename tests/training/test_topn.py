@@ -109,6 +109,35 @@ def test_new_items_scenario_counts_only_withheld_items_and_they_are_candidates()
     assert row["recall@10"] == 1.0 and row["ndcg@10"] == 1.0  # the withheld item was ranked first
 
 
+def test_new_items_scenario_ranks_only_the_new_items() -> None:
+    """With withheld new items the lists hold new items only, whatever the old items score:
+    a method that prefers every old item still ranks the new one first."""
+    data = dataset(U_ROWS + OTHER_ROWS, extra_items=["g"])
+    s = split(data, test=["u"], train=["u", "v", "w"], new_items=["d", "g"])
+
+    class PrefersOld:
+        name = "prefers_old"
+
+        def fit(self, context) -> None:
+            pass
+
+        def score_catalog(self, tasks, items):
+            # old items 10, d 1, g 0: against the whole catalog d would come 5th
+            return np.tile(np.where(np.isin(items, ["d", "g"]), (items == "d").astype(float), 10.0), (len(tasks), 1))
+
+    result = evaluate_topn(data, [s], lambda: [PrefersOld()], support_sizes=(2,))
+    (row,) = [r for r in result.rows if r["relevance"] == "later"]
+    assert row["recall@10"] == 1.0 and row["ndcg@10"] == 1.0
+    (cover,) = [c for c in result.coverage if c["scenario"] == s.protocol.scenario]  # the "later" section
+    assert result.catalog_size == 2 and cover["coverage@20"] == 1.0  # both new items listed, nothing else
+    ranker = Ranker(catalog_items(data), positive_counts(data, catalog_items(data)), np.isin(catalog_items(data), ["d", "g"]))
+    (task,) = build_topn_tasks(data, s, ["u"], 2, LATER)
+    (listed,) = ranker.lists(PrefersOld(), [task], 4)
+    assert [ranker.items[j] if j >= 0 else None for j in listed] == ["d", "g", None, None]  # padded, no old item
+    with pytest.raises(ValueError, match="non-empty"):
+        Ranker(catalog_items(data), positive_counts(data, catalog_items(data)), np.zeros(len(catalog_items(data)), bool))
+
+
 def test_catalog_is_every_known_item_sorted() -> None:
     data = dataset(OTHER_ROWS, extra_items=["z", "c"])
     assert catalog_items(data).tolist() == ["a", "b", "c", "f", "z"]
