@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny artifact trained on synthetic data and exported for real.
 
-Exporting takes ~20 s on two cores, so the artifact is built once per test session and
+Training and exporting take about a minute on two cores, so the artifact is built once per test session and
 copied where a test needs to change it.
 """
 
@@ -21,6 +21,7 @@ def pytest_configure(config):
         return
     torch.set_num_threads(1)
 
+TINY_INNER_STEPS = 2
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -32,7 +33,9 @@ def tiny_repository(tmp_path_factory) -> Path:
     from training import model as M
 
     dataset = generate_synthetic(seed=3, n_users=240, n_items=150)
-    config = JobConfig.default(meta_steps=30, eval_every=10, meta_batch_size=16)
+    # Two unrolled inner steps (the served model has 5): a step after a step is exercised,
+    # and the graphs, their export and every engine built from them are smaller.
+    config = JobConfig.default(meta_steps=30, eval_every=10, meta_batch_size=16, inner_steps=TINY_INNER_STEPS)
     config.model = M.served_config(factors=8, engagement_factors=4)  # the served structure, small
     repository = tmp_path_factory.mktemp("model-repository")
     train_and_export(dataset, repository, "tiny", config, version="1")

@@ -540,6 +540,15 @@ def _export_adapt_graph(adapted: AdaptedModel, directory: Path) -> list[pb.Expor
     return verify_adapt(adapted, directory / C.ADAPT_ONNX_FILE, load_program(directory / C.ADAPT_TORCH_PROGRAM_FILE))
 
 
+def _refuse_disagreement(checks: Sequence[pb.ExportCheck], tolerance: float) -> float:
+    """The largest difference of the checks; ExportError listing every check if it exceeds the tolerance."""
+    worst = max(max(c.max_abs_diff_onnx, c.max_abs_diff_torch_export) for c in checks)
+    if worst > tolerance:
+        detail = ", ".join(f"{c.shape}: onnx {c.max_abs_diff_onnx:.2e}, torch.export {c.max_abs_diff_torch_export:.2e}" for c in checks)
+        raise ExportError(f"engines disagree by up to {worst:.2e} (tolerance {tolerance:.0e}): {detail}")
+    return worst
+
+
 @dataclass
 class ExportResult:
     path: Path
@@ -588,14 +597,10 @@ def export_artifact(
         onnx_program.save(str(tmp / "model.onnx"))
         # The program as the torch engine will read it back, not the one in memory.
         checks = verify(adapted, tmp / "model.onnx", load_program(tmp / TORCH_PROGRAM_FILE))
+        worst = _refuse_disagreement(checks, tolerance)  # before the adapt graph: a refusal comes early
         if has_item_table(adapted):
             checks += _export_adapt_graph(adapted, tmp)
-        worst = max(max(c.max_abs_diff_onnx, c.max_abs_diff_torch_export) for c in checks)
-        if worst > tolerance:
-            detail = ", ".join(
-                f"{c.shape}: onnx {c.max_abs_diff_onnx:.2e}, torch.export {c.max_abs_diff_torch_export:.2e}" for c in checks
-            )
-            raise ExportError(f"engines disagree by up to {worst:.2e} (tolerance {tolerance:.0e}): {detail}")
+            worst = _refuse_disagreement(checks, tolerance)
 
         save_file({k: v.detach().contiguous().float() for k, v in adapted.params.items()}, str(tmp / "init.safetensors"))
         catalog_rows = catalog.codes[: len(catalog.item_ids)].contiguous()

@@ -86,7 +86,7 @@ def test_recommend_ranks_candidates(shared_server, item_ids, reference):
     np.testing.assert_allclose([i.engagement for i in response.items], engagement[best], atol=1e-5)
     np.testing.assert_allclose([i.score for i in response.items], scores[best], atol=1e-5)
     summary = response.adaptation
-    assert summary.support_size == 8 and summary.adapted and summary.inner_steps == 5
+    assert summary.support_size == 8 and summary.adapted and summary.inner_steps == 2
     assert math.isclose(summary.support_loss_before, before, abs_tol=1e-5)
     assert math.isclose(summary.support_loss_after, after, abs_tol=1e-5)
     assert summary.interactions_truncated == 0 and not summary.unknown_items
@@ -181,7 +181,7 @@ def test_get_model_describes_the_model(shared_server, tiny_artifact):
     assert {f.name for f in info.user_fields} == {"age_group", "region"}
     assert {f.name for f in info.item_fields} == {"genres", "year"}  # the item id fills itself
     assert next(f for f in info.item_fields if f.name == "genres").multi_valued
-    assert info.catalog_size == 150 and info.inner_steps == 5
+    assert info.catalog_size == 150 and info.inner_steps == 2
     assert info.engine == "onnxruntime:CPUExecutionProvider"
     assert (info.limits.max_interactions, info.limits.max_candidates, info.limits.max_batch_size) == (32, 256, 16)
 

@@ -207,7 +207,7 @@ def test_torchrun_train_writes_one_verified_artifact_from_rank_0(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "training.cli", "train", "--dataset", "synthetic", "--synthetic-users", "200",
         "--synthetic-items", "120", "--meta-steps", "6", "--eval-every", "3", "--meta-batch-size", "4",
-        "--factors", "8", "--no-progress", "--repository", str(repository), "--name", "t",
+        "--factors", "8", "--inner-steps", "1", "--no-progress", "--repository", str(repository), "--name", "t",
     ]  # fmt: skip
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)

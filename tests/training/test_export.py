@@ -3,6 +3,7 @@ or interrupted export writes nothing a server could load."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def test_artifact_layout_and_manifest(tiny_artifact):
     assert [o.name for o in manifest.graph.outputs] == [*E.OUTPUT_NAMES, E.ENGAGEMENT_OUTPUT]  # the served structure has the engagement head
     assert len(manifest.export_checks) >= 4
     assert all(c.max_abs_diff_onnx <= 1e-4 and c.max_abs_diff_torch_export <= 1e-4 for c in manifest.export_checks)
-    assert manifest.inner_loop.steps == 5 and manifest.model.adapted_parameters == ["user.bias", "user.factors"]
+    assert manifest.inner_loop.steps == 2 and manifest.model.adapted_parameters == ["user.bias", "user.factors"]
     assert {m.method for m in manifest.evaluation.metrics} == {"model", "bias"}
 
 
@@ -103,6 +104,9 @@ def tiny_model(tiny_artifact):
     from training.synthetic import generate_synthetic
 
     model = E.load_exported_model(tiny_artifact)
+    # One unrolled inner step: atomicity and refusals do not depend on the graph's size, and
+    # the re-export is several times quicker than with the artifact's two.
+    model = replace(model, inner_config=replace(model.inner_config, steps=1))
     return model, EncodedCatalog(model.schema, generate_synthetic(seed=3, n_users=240, n_items=150))
 
 
@@ -118,19 +122,29 @@ def test_an_interrupted_export_leaves_no_version(tiny_model, tmp_path):
     assert list((tmp_path / "m").iterdir()) == []
 
 
-def test_export_refuses_when_engines_disagree_and_writes_nothing(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("graph", ["fused", "adapt"])
+def test_export_refuses_when_engines_disagree_and_writes_nothing(tiny_model, tmp_path, monkeypatch, graph):
+    """Either graph's disagreement refuses the export; the fused graph's before the adapt graph is built."""
     model, catalog = tiny_model
-    real_verify = E.verify
+    check = E.verify if graph == "fused" else E.verify_adapt
+    adapt_exports = []
+    real_adapt_export = E._export_adapt_graph
 
     def skewed(*args, **kwargs):
-        checks = real_verify(*args, **kwargs)
+        checks = check(*args, **kwargs)
         checks[1].max_abs_diff_onnx = 3e-3
         return checks
 
-    monkeypatch.setattr(E, "verify", skewed)
+    def counted(*args, **kwargs):
+        adapt_exports.append(1)
+        return real_adapt_export(*args, **kwargs)
+
+    monkeypatch.setattr(E, check.__name__, skewed)
+    monkeypatch.setattr(E, "_export_adapt_graph", counted)
     with pytest.raises(E.ExportError, match=r"disagree by up to 3\.00e-03"):
         E.export_artifact(model, catalog, tmp_path, "m", version="1")
     assert list((tmp_path / "m").iterdir()) == []
+    assert len(adapt_exports) == (0 if graph == "fused" else 1)
 
 
 def test_export_refuses_an_existing_version_and_bad_names(tiny_artifact, tiny_model):
