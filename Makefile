@@ -3,6 +3,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -21,7 +22,7 @@ RUN_ARGS = $(if $(DATASET),--dataset "$(DATASET)") $(if $(DATA_PATH),--data-path
   $(if $(REPOSITORY),--repository "$(REPOSITORY)") $(if $(MODEL_NAME),--model-name "$(MODEL_NAME)") \
   $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)") $(if $(filter 1 yes true,$(RETRAIN)),--retrain)
 
-.PHONY: install run test promtool test-fast protos lint bench clean
+.PHONY: install run test promtool protos lint bench clean
 
 # The install steps. The Dockerfile runs the same pip lines (tests/ops/test_dockerfile.py
 # checks it): torch first, pinned, so the project's range does not pull a different build.
@@ -39,8 +40,9 @@ run: $(STAMP)
 	$(PY) scripts/main.py $(strip $(RUN_ARGS) -- $(SERVE_ARGS))
 
 ## The whole test suite (what .ci/run calls); installs promtool first when it is missing.
+## TEST_WORKERS processes share the tests, a file per process at a time (0 = one process).
 test: $(STAMP) promtool
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## promtool (Debian's prometheus package) checks the alert rules and /metrics in tests/ops:
 ## installed with apt-get when missing (sudo when not root); elsewhere, a hint and go on

@@ -143,8 +143,9 @@ def test_a_burst_beyond_capacity_is_refused_at_once_and_the_admitted_calls_finis
     assert all_refused <= full <= all_refused + impatient, (full, all_refused)
     # Refusals are answered at once; admitted calls wait behind at most max_in_flight
     # others (two engine calls), not until their 5 s deadline. The bounds leave room for a
-    # loaded CI machine, where client and server share two cores and one interpreter.
-    assert float(np.median(refused)) < 0.25, float(np.median(refused))
+    # loaded CI machine, where client and server share two cores and one interpreter with
+    # another test process (the suite runs on two workers): measured medians 0.01-0.43 s.
+    assert float(np.median(refused)) < 1.0, float(np.median(refused))
     assert max(refused) < 2.5, max(refused)
     assert max(ok) < 2.5, max(ok)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
