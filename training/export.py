@@ -143,6 +143,23 @@ def random_batch(schema: FeatureSchema, shape: CheckShape, rng: np.random.Genera
     return Batch(*(torch.from_numpy(a) for a in (user_features, support_items, labels, mask, query_items)))
 
 
+def trace_shape(adapted: AdaptedModel, wanted: tuple[int, int, int] = (3, 4, 5)) -> CheckShape:
+    """The example batch make_fx traces with: sizes no parameter or feature row has.
+
+    The symbolic trace takes the parameters as inputs too and gives equal sizes one symbol,
+    so a support size equal to, say, the factor count would tie the two in the graph (and
+    the export's checks at other support sizes would fail). Each size is the wanted one or
+    the next free integer."""
+    taken = {int(d) for p in adapted.params.values() for d in p.shape}
+    taken |= {adapted.schema.user_width, adapted.schema.item_width, 0, 1}
+    sizes: list[int] = []
+    for size in wanted:
+        while size in taken or size in sizes:
+            size += 1
+        sizes.append(size)
+    return CheckShape(*sizes, ragged=False)
+
+
 def trace(adapted: AdaptedModel) -> _Fused:
     """make_fx over the fused function with symbolic shapes; parameters become buffers."""
     names = list(adapted.params)
@@ -153,7 +170,7 @@ def trace(adapted: AdaptedModel) -> _Fused:
         model = AdaptedModel(adapted.model_config, adapted.inner_config, adapted.schema, adapted.label, params)
         return model.forward(batch)
 
-    example = random_batch(adapted.schema, CheckShape(3, 4, 5, ragged=False), np.random.default_rng(0), adapted.label)
+    example = random_batch(adapted.schema, trace_shape(adapted), np.random.default_rng(0), adapted.label)
     traced = make_fx(flat, tracing_mode="symbolic")(*[adapted.params[n] for n in names], *example)
     return _Fused(traced, adapted.params)
 
@@ -190,7 +207,7 @@ def trace_adapt(adapted: AdaptedModel) -> _Adapt:
         model = AdaptedModel(adapted.model_config, adapted.inner_config, adapted.schema, adapted.label, params)
         return adapt_outputs(model, Batch(*args[len(names) :], None))
 
-    example = random_batch(adapted.schema, CheckShape(3, 4, 5, ragged=False), np.random.default_rng(0), adapted.label)
+    example = random_batch(adapted.schema, trace_shape(adapted), np.random.default_rng(0), adapted.label)
     traced = make_fx(flat, tracing_mode="symbolic")(*[adapted.params[n] for n in names], *example[:4])
     return _Adapt(traced, adapted.params)
 

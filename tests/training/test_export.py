@@ -242,3 +242,17 @@ def test_item_table_scores_equal_the_fused_graph(tiny_artifact):
         raw = C.rating_scores(table, float(users.user_params["user.bias"][u]), users.user_params["user.factors"][u].numpy(), rows[u])
         np.testing.assert_allclose(C.to_label_units(raw, "rating", 1.0, 5.0), fused[0][u], atol=1e-5, rtol=0)
         np.testing.assert_allclose(C.engagement_scores(table, users.engagement_user[u].numpy(), rows[u]), fused[3][u], atol=1e-5, rtol=0)
+
+
+def test_the_trace_example_avoids_every_size_the_model_has():
+    """make_fx's symbolic trace gives equal sizes one symbol: the example batch it traces
+    with takes sizes no parameter or feature row has (tests/training/test_memory.py
+    exports a model with 4 factors and 3 engagement factors, the default sizes)."""
+    from types import SimpleNamespace
+
+    params = {"a": torch.zeros(4, 3), "b": torch.zeros(6)}
+    model = SimpleNamespace(params=params, schema=SimpleNamespace(user_width=5, item_width=8))
+    shape = E.trace_shape(model)
+    assert (shape.batch, shape.support, shape.query) == (7, 9, 10)
+    free = SimpleNamespace(params={"a": torch.zeros(16, 32)}, schema=SimpleNamespace(user_width=2, item_width=11))
+    assert (E.trace_shape(free).batch, E.trace_shape(free).support, E.trace_shape(free).query) == (3, 4, 5)

@@ -208,9 +208,9 @@ def test_exported_graph_computes_what_training_computes(tmp_path, user_attribute
     schema = small_schema()
     if not user_attributes:
         schema = FeatureSchema((), schema.item_fields)
-    # 6 factors: a model whose factor count equals the support size of export.trace's example
-    # batch (4) does not export, with or without the memory (its shapes are duck-typed).
-    served_config = M.ModelConfig(factors=6, engagement_factors=3)
+    # 4 factors and 3 engagement factors: the sizes export.trace would trace with unless it
+    # picked free ones (its symbolic trace gives equal sizes one symbol).
+    served_config = M.ModelConfig(factors=4, engagement_factors=3)
     config = replace(served_config, memory_slots=3)
     inner = learner_config("warmstart", 1)  # one unrolled step keeps the graph, and the export, small
     with torch.no_grad():
