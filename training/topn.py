@@ -16,9 +16,9 @@ user and each support size K:
   items included) not in the support; in the scenarios with withheld new items, the new
   items not in the support (a product's "new arrivals" shelf, what Recommend serves when
   it is sent those items as candidates). Ranked against the whole catalog there, no
-  method measured on MovieLens-100K put a single new item in any user's top 20 (the
-  trained items' popularity outranks every attribute-only score), so every method scored
-  0 and the scenario said nothing. The harness masks, never the method.
+  method measured on MovieLens-100K put a single new item in any user's top 20 (trained
+  items outranked every item known only by its attributes), so every method scored 0 and
+  the scenario said nothing. The harness masks, never the method.
 
 Ties at the cut are broken deterministically: among equal scores the item with more
 training interactions comes first, then the earlier item in catalog (sorted id) order. A
