@@ -447,6 +447,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             attribute_prior=args.attribute_prior,
             engagement_factors=args.engagement_factors if args.model == "bias_factor" else 0,
             memory_slots=args.memory_slots if args.learner == "memory" else 0,
+            engagement_id_dropout=args.engagement_id_dropout,
         ),
         learner=args.learner,
         inner=learner_config(args.learner, steps=args.inner_steps),
@@ -600,6 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=served.engagement_factors,
         help=f"bias_factor: engagement head dimension, what Recommend ranks by (default {served.engagement_factors}; 0 = none)",
+    )
+    p.add_argument(
+        "--engagement-id-dropout",
+        type=float,
+        default=served.engagement_id_dropout,
+        help="bias_factor: share of the catalog whose item ids the engagement head's training hides each "
+        f"meta-step, so that items are also ranked by their attributes (new items); default {served.engagement_id_dropout:g}",
     )
     p.add_argument(
         "--attribute-prior",

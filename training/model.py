@@ -72,6 +72,10 @@ class ModelConfig:
     # a listwise loss over the catalog; the inner loop adapts the user's engagement factors.
     engagement_factors: int = 0
     engagement_l2: float = 1.0  # L2 weight on the engagement item tables (per training interaction)
+    # Share of the ranked catalog whose item id is hidden (read as out-of-vocabulary) in each
+    # engagement meta-step, so that the attribute tables learn to rank an item without its
+    # id, as they must for a new item. 0 = off (the served model).
+    engagement_id_dropout: float = 0.0
     # bias_factor, ratings: where the item biases start. "shrunk_mean": each item's mean
     # shrunk toward the global mean; "als": item and user biases fitted jointly by
     # regularised ALS (the standard BaselineOnly, reg_i / reg_u below), so an item's bias is
@@ -108,6 +112,8 @@ class ModelConfig:
             raise ValueError(f"engagement_factors must be >= 0, got {self.engagement_factors}")
         if self.engagement_factors and self.kind != "bias_factor":
             raise ValueError("the engagement head needs the bias_factor model")
+        if not 0.0 <= self.engagement_id_dropout < 1.0:
+            raise ValueError(f"engagement_id_dropout must be in [0, 1), got {self.engagement_id_dropout}")
         if self.memory_slots < 0 or self.memory_key_dim < 1:
             raise ValueError(f"memory_slots must be >= 0 and memory_key_dim >= 1, got {self.memory_slots}, {self.memory_key_dim}")
         if self.memory_slots and self.kind != "bias_factor":

@@ -34,7 +34,7 @@ from training import model as M
 from training.batching import EncodedCatalog, EpisodeConfig, EpisodeSampler, task_batches
 from training.dataset import LabelSpec
 from training.distributed import Collective
-from training.features import FeatureSchema
+from training.features import OOV, FeatureSchema
 from training.inner_loop import (
     CATALOG_WEIGHT,
     InnerLoopConfig,
@@ -323,7 +323,7 @@ class MetaTrainer:
         weights = engagement_weights(loss_kind_of(self.label), batch.support_labels, batch.support_mask)
         phi0 = memory.engagement_start(self.model_config, self.schema, params, batch, loss_kind_of(self.label))
         phi = adapt_engagement(self.model_config, self.inner_config, params, support_p, weights, phi0)  # (B, e)
-        c, p = M.item_engagement(self.model_config, self.schema, params, self.ranked_codes)  # (N,), (N, e)
+        c, p = M.item_engagement(self.model_config, self.schema, params, self._ranked_codes_for_step())  # (N,), (N, e)
         logits = M.engagement_scores(params, c, p, phi)  # (B, N)
         support_pos = self.ranked_position[episode.support_rows]  # (B, S), -1 = padding / unranked
         seen = torch.zeros_like(logits, dtype=torch.bool)
@@ -339,6 +339,19 @@ class MetaTrainer:
         has_query = (engaged.sum(1) > 0).float()
         loss = (per_user * has_query).sum() / has_query.sum().clamp(min=1.0)
         return loss + M.regulariser(self.model_config, {k: v for k, v in self.params.items() if _is_engagement(k) or k == "mu"}, self.interactions)
+
+    def _ranked_codes_for_step(self) -> torch.Tensor:
+        """The ranked catalog's codes, with engagement_id_dropout of the items' ids read as
+        out-of-vocabulary this meta-step (a seeded draw per step: a resumed run draws the same)."""
+        rate = self.model_config.engagement_id_dropout
+        id_field = self.schema.item_id_field
+        if not rate or id_field is None or not self.model_config.use_item_id:
+            return self.ranked_codes
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
+        hidden = torch.rand(len(self.ranked_codes), generator=g) < rate
+        codes = self.ranked_codes.clone()
+        codes[hidden, id_field.offset] = OOV
+        return codes
 
     def train_step(self) -> float:
         sampler, item_params = self.sources[self.step % len(self.sources)] if self.sources else (self.sampler, None)

@@ -192,3 +192,40 @@ def test_a_run_killed_between_the_two_checkpoint_files_resumes_to_the_same_weigh
     for name, value in whole_trainer.params.items():  # the last parameters, not only the best
         assert torch.equal(value, resumed_trainer.params[name]), name
     assert [h["valid_loss"] for h in resumed.history] == [h["valid_loss"] for h in whole.history]
+
+
+def test_engagement_id_dropout_hides_a_seeded_share_of_ids_per_step(synthetic_split, tmp_path):
+    from training.features import OOV
+
+    dataset, _, context = synthetic_split
+    trainer = make_trainer(dataset, context, tmp_path, TrainConfig(meta_steps=1, seed=3))
+    assert trainer._ranked_codes_for_step() is trainer.ranked_codes  # off by default: nothing hidden
+    trainer.model_config = replace(trainer.model_config, engagement_id_dropout=0.5)
+    slot = trainer.schema.item_id_field.offset
+    first = trainer._ranked_codes_for_step()
+    hidden = first[:, slot] == OOV
+    assert not (trainer.ranked_codes[:, slot] == OOV).any()  # every ranked item has a known id
+    assert 0.35 < hidden.float().mean().item() < 0.65, hidden.float().mean()
+    others = [c for c in range(first.shape[1]) if c != slot]
+    assert torch.equal(first[:, others], trainer.ranked_codes[:, others])  # attributes untouched
+    assert torch.equal(first[~hidden], trainer.ranked_codes[~hidden])
+    assert torch.equal(trainer._ranked_codes_for_step(), first)  # a step draws the same again (resume)
+    trainer.step += 1
+    assert not torch.equal(trainer._ranked_codes_for_step(), first)
+    with pytest.raises(ValueError, match="engagement_id_dropout"):
+        M.ModelConfig(engagement_id_dropout=1.0)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_only_id_dropout_trains_the_out_of_vocabulary_row_new_items_read(synthetic_split, rate):
+    """The engagement head's id row that every new item reads moves only when ids are hidden
+    in training: without dropout no training item ever reads it."""
+    from training.features import OOV
+
+    dataset, _, context = synthetic_split
+    config = M.served_config(factors=4, engagement_factors=4, engagement_id_dropout=rate)
+    train = TrainConfig(meta_steps=10, eval_every=5, meta_batch_size=8, patience=0)
+    model, _, prep = meta_train(dataset, context.train, context.valid_tasks, config, learner_config("warmstart", 1), train, support_sizes=(5, None))
+    start = M.init_params(model.model_config, prep.schema, prep.stats, seed=train.seed)["eng.item.id"][OOV]
+    moved = not torch.allclose(model.params["eng.item.id"][OOV], start)
+    assert moved == (rate > 0), (model.params["eng.item.id"][OOV], start)
