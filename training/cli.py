@@ -186,6 +186,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.report import write_report
     from training.splits import load_or_make_splits
 
+    if args.engagement_id_dropout and args.protocol != "topn":
+        raise UsageError("--engagement-id-dropout is for --protocol topn (it trains the engagement head Recommend ranks by)")
     if args.protocol == "topn":
         return cmd_evaluate_topn(args)
     if args.protocol == "onboarding":
@@ -280,6 +282,13 @@ def cmd_evaluate_topn(args: argparse.Namespace) -> int:
     coverage: list[dict] = []
     settings: list[dict] = []
     section_names: list[str] = []
+    from training import model as M
+
+    overrides = {"engagement_id_dropout": args.engagement_id_dropout}
+    try:
+        M.served_config(**overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     for scenario in _scenarios(args.scenario):
         protocol = _protocol(args, scenario)
         splits = load_or_make_splits(dataset, protocol, args.out / "splits" / f"{dataset.name}-{scenario}-seed{args.seed}")
@@ -289,7 +298,7 @@ def cmd_evaluate_topn(args: argparse.Namespace) -> int:
         result = evaluate_topn(
             dataset,
             splits,
-            lambda: make_topn_methods(names, train_config, args.inner_steps),
+            lambda: make_topn_methods(names, train_config, args.inner_steps, model_overrides=overrides),
             sizes,
             liked_threshold=args.liked_threshold,
             progress=(lambda message: (bar.update(1), bar.set_postfix_str(message))) if bar else None,
@@ -580,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="topn, rating data: a later rating at least this high is 'liked' (default: 3/4 up the label range, 4 on 1-5)",
+    )
+    p.add_argument(
+        "--engagement-id-dropout",
+        type=float,
+        default=0.0,
+        help="topn: warmstart and memory train their engagement head hiding this share of item ids "
+        "(train --engagement-id-dropout; default 0, the served model)",
     )
     p.add_argument("--only-folds", default="", help="comma-separated folds to run (default: all)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report directory")

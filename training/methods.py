@@ -105,6 +105,13 @@ class MetaLearnedTopN:
             "validation_recall_at_20": round(result.engagement_recall or 0.0, 4),
             "attribute_prior": self.model.model_config.attribute_prior,
         }
+        if self.model.model_config.engagement_id_dropout:
+            self.chosen["engagement_id_dropout"] = self.model.model_config.engagement_id_dropout
+        if context.split is not None and context.split.new_items:
+            # What a choice of engagement_id_dropout is made on: the validation users' new items.
+            from training.topn import Validation
+
+            self.chosen["validation_new_item_recall_at_20"] = round(Validation.of(context).recall(self), 4)
         log.info("%s: %s", self.name, self.chosen)
 
     def score_catalog(self, tasks: Sequence[Task], items: np.ndarray) -> np.ndarray:

@@ -524,12 +524,16 @@ DEFAULT_TOPN_METHODS = "popular,itemknn,ease,ials,warmstart"
 DEFAULT_TOPN_REFERENCE = "ease"
 
 
-def make_topn_methods(names: Sequence[str], train_config=None, inner_steps: int = 5, progress: bool = False) -> list:
+def make_topn_methods(
+    names: Sequence[str], train_config=None, inner_steps: int = 5, progress: bool = False, model_overrides: dict | None = None
+) -> list:
     """Fresh top-N method instances, in the given order.
 
     `train_config`, `inner_steps` and `progress` are the rating registry's arguments, for
-    learned methods; the baselines do not use them.
+    learned methods; the baselines do not use them. `model_overrides` change the served
+    model's config (training.model.served_config) for warmstart and memory.
     """
+    overrides = dict(model_overrides or {})
     from training import topn_baselines as B
 
     unknown = [n for n in names if n not in TOPN_METHOD_HELP]
@@ -555,7 +559,7 @@ def make_topn_methods(names: Sequence[str], train_config=None, inner_steps: int 
 
             config = train_config or TrainConfig()
             keep = served if "memory" in names else None
-            out.append(MetaLearnedTopN(name, M.served_config(), learner_config("warmstart", inner_steps), config, progress=progress, served=keep))
+            out.append(MetaLearnedTopN(name, M.served_config(**overrides), learner_config("warmstart", inner_steps), config, progress=progress, served=keep))
         elif name == "memory":
             from training.learners import MEMORY_SLOTS, learner_config
             from training.methods import Memory
@@ -564,6 +568,6 @@ def make_topn_methods(names: Sequence[str], train_config=None, inner_steps: int 
             from training import model as M
 
             config = train_config or TrainConfig()
-            model_config = M.served_config(memory_slots=MEMORY_SLOTS)
+            model_config = M.served_config(memory_slots=MEMORY_SLOTS, **overrides)
             out.append(Memory(name, model_config, learner_config("memory", inner_steps), config, progress=progress, served=served))
     return out

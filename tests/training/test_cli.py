@@ -394,3 +394,24 @@ def test_evaluate_onboarding_usage_errors(tmp_path, capsys):
             main(base + extra)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_evaluate_topn_trains_the_engagement_head_with_id_dropout_on_new_items(tmp_path, capsys):
+    """--engagement-id-dropout reaches the served model of a top-N evaluation, which reports
+    its validation users' new-item recall (what a dropout rate is chosen on)."""
+    out_dir = tmp_path / "topn"
+    args = ["evaluate", "--protocol", "topn", "--dataset", "synthetic", "--synthetic-users", "200"]
+    args += ["--synthetic-items", "120", "--only-folds", "0", "--no-progress", "--out", str(out_dir)]
+    args += ["--meta-steps", "20", "--eval-every", "10", "--inner-steps", "1", "--scenario", "new_items"]
+    args += ["--methods", "popular,warmstart", "--reference", "popular", "--support-sizes", "1,5"]
+    assert main([*args, "--engagement-id-dropout", "0.5"]) == 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    (chosen,) = [s for s in summary["settings"] if s["method"] == "warmstart"]
+    assert chosen["engagement_id_dropout"] == 0.5
+    assert 0.0 <= chosen["validation_new_item_recall_at_20"] <= 1.0
+    with pytest.raises(SystemExit):
+        main([*args, "--engagement-id-dropout", "1.0"])
+    assert "engagement_id_dropout must be in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--dataset", "synthetic", "--engagement-id-dropout", "0.5", "--out", str(tmp_path / "r")])
+    assert "is for --protocol topn" in capsys.readouterr().err
