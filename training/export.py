@@ -244,6 +244,47 @@ def _worst_difference(reference: Sequence[np.ndarray], candidate: Sequence[np.nd
     return max(float(np.max(np.abs(a - b), initial=0.0)) for a, b in zip(reference, candidate))
 
 
+def _engine_checks(
+    adapted: AdaptedModel,
+    onnx_path: Path,
+    program: torch.export.ExportedProgram,
+    shapes: Sequence[CheckShape],
+    seed: int,
+    graph: str,
+    input_names: Sequence[str],
+    outputs: Sequence[str],
+    reference: Callable[[Batch], Sequence[torch.Tensor]],
+) -> list[pb.ExportCheck]:
+    """Max abs differences of onnxruntime and the torch.export program against training's
+    `reference` on random batches of `shapes` (the graph's inputs: the first len(input_names))."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_inputs = {i.name for i in session.get_inputs()}
+    module = program.module()
+    rng = np.random.default_rng(seed)
+    prefix = f"{graph} " if graph else ""
+    checks = []
+    for shape in shapes:
+        batch = random_batch(adapted.schema, shape, rng, adapted.label)
+        inputs = tuple(batch[: len(input_names)])
+        with torch.no_grad():
+            expected = [t.numpy() for t in reference(batch)]
+            exported = [t.detach().numpy() for t in module(*inputs)]
+        feeds = {name: t.numpy() for name, t in zip(input_names, inputs) if name in onnx_inputs}
+        from_onnx = session.run(list(outputs), feeds)
+        if not all(np.all(np.isfinite(x)) for x in (*expected, *from_onnx, *exported)):
+            raise ExportError(f"non-finite {prefix}outputs at {shape.describe()}")
+        checks.append(
+            pb.ExportCheck(
+                shape=prefix + shape.describe(),
+                max_abs_diff_onnx=_worst_difference(expected, from_onnx),
+                max_abs_diff_torch_export=_worst_difference(expected, exported),
+            )
+        )
+    return checks
+
+
 def verify(
     adapted: AdaptedModel,
     onnx_path: Path,
@@ -252,27 +293,7 @@ def verify(
     seed: int = 0,
 ) -> list[pb.ExportCheck]:
     """Max abs differences of onnxruntime and torch.export against training's inner loop."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_inputs = [i.name for i in session.get_inputs()]
-    module = program.module()
-    rng = np.random.default_rng(seed)
-    checks = []
-    for shape in shapes:
-        batch = random_batch(adapted.schema, shape, rng, adapted.label)
-        with torch.no_grad():
-            reference = [t.numpy() for t in adapted.forward(batch)]
-            exported = [t.detach().numpy() for t in module(*batch)]
-        feeds = {name: t.numpy() for name, t in zip(INPUT_NAMES, batch) if name in onnx_inputs}
-        from_onnx = session.run(list(output_names(adapted)), feeds)
-        diff_onnx = _worst_difference(reference, from_onnx)
-        diff_export = _worst_difference(reference, exported)
-        finite = all(np.all(np.isfinite(x)) for x in (*reference, *from_onnx, *exported))
-        if not finite:
-            raise ExportError(f"non-finite outputs at {shape.describe()}")
-        checks.append(pb.ExportCheck(shape=shape.describe(), max_abs_diff_onnx=diff_onnx, max_abs_diff_torch_export=diff_export))
-    return checks
+    return _engine_checks(adapted, onnx_path, program, shapes, seed, "", INPUT_NAMES, output_names(adapted), adapted.forward)
 
 
 def verify_adapt(
@@ -283,31 +304,8 @@ def verify_adapt(
     seed: int = 3,
 ) -> list[pb.ExportCheck]:
     """verify() for the adapt graph: onnxruntime and torch.export against training's adapt step."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_inputs = {i.name for i in session.get_inputs()}
-    module = program.module()
-    rng = np.random.default_rng(seed)
-    checks = []
-    for shape in shapes:
-        batch = random_batch(adapted.schema, shape, rng, adapted.label)
-        support = tuple(batch[:4])
-        with torch.no_grad():
-            reference = [t.numpy() for t in adapt_outputs(adapted, batch)]
-            exported = [t.detach().numpy() for t in module(*support)]
-        feeds = {name: t.numpy() for name, t in zip(C.ADAPT_INPUT_NAMES, support) if name in onnx_inputs}
-        from_onnx = session.run(list(adapt_output_names(adapted)), feeds)
-        if not all(np.all(np.isfinite(x)) for x in (*reference, *from_onnx, *exported)):
-            raise ExportError(f"non-finite adapt outputs at {shape.describe()}")
-        checks.append(
-            pb.ExportCheck(
-                shape=f"adapt {shape.describe()}",
-                max_abs_diff_onnx=_worst_difference(reference, from_onnx),
-                max_abs_diff_torch_export=_worst_difference(reference, exported),
-            )
-        )
-    return checks
+    outputs = adapt_output_names(adapted)
+    return _engine_checks(adapted, onnx_path, program, shapes, seed, "adapt", C.ADAPT_INPUT_NAMES, outputs, lambda b: adapt_outputs(adapted, b))
 
 
 def _onnx_export(program: torch.export.ExportedProgram, outputs: Sequence[str], inputs: Sequence[str] = INPUT_NAMES):

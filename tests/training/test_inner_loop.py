@@ -14,6 +14,7 @@ from training import model as M
 from training.features import FeatureSchema, Field
 from training.inner_loop import CATALOG_WEIGHT, Batch, InnerLoopConfig, adapt_and_score, init_inner_params, inner_steps
 from training.learners import learner_config
+from tests.training.gradcheck import central_differences
 
 
 @pytest.fixture(autouse=True)
@@ -239,12 +240,7 @@ def test_metasgd_learning_rate_gradient_matches_finite_differences():
 
     log_lr = params[name].clone().requires_grad_(True)
     (analytic,) = torch.autograd.grad(outer(log_lr), log_lr)
-    eps = 1e-6
-    numeric = torch.zeros_like(log_lr)
-    for i in range(log_lr.numel()):
-        bump = torch.zeros_like(log_lr)
-        bump.view(-1)[i] = eps
-        numeric.view(-1)[i] = (outer(log_lr.detach() + bump) - outer(log_lr.detach() - bump)) / (2 * eps)
+    numeric = central_differences(outer, log_lr)
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
     assert analytic.abs().max() > 1e-6  # the learned rates do receive a gradient
 
@@ -365,12 +361,7 @@ def test_engagement_step_size_gradient_matches_finite_differences():
 
     log_lr = params[name].clone().requires_grad_(True)
     (analytic,) = torch.autograd.grad(outer(log_lr), log_lr)
-    eps = 1e-6
-    numeric = torch.zeros_like(log_lr)
-    for i in range(log_lr.numel()):
-        bump = torch.zeros_like(log_lr)
-        bump[i] = eps
-        numeric[i] = (outer(log_lr.detach() + bump) - outer(log_lr.detach() - bump)) / (2 * eps)
+    numeric = central_differences(outer, log_lr)
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-9)
     assert analytic.abs().max() > 1e-6
 

@@ -15,6 +15,7 @@ from training import model as M
 from training.inner_loop import adapt_and_score, adapt_engagement
 from training.learners import learner_config
 from tests.training.test_inner_loop import catalog_codes, model_params, random_batch, small_schema
+from tests.training.gradcheck import central_differences
 
 SERVED = M.ModelConfig(factors=4, engagement_factors=3)
 WARMSTART = learner_config("warmstart", 3)
@@ -113,12 +114,7 @@ def test_rating_memory_gradient_matches_finite_differences(float64, name):
 
     value = params[name].clone().requires_grad_(True)
     (analytic,) = torch.autograd.grad(outer(value), value)
-    eps = 1e-6
-    numeric = torch.zeros_like(value)
-    for i in range(value.numel()):
-        bump = torch.zeros_like(value)
-        bump.view(-1)[i] = eps
-        numeric.view(-1)[i] = (outer(value.detach() + bump) - outer(value.detach() - bump)) / (2 * eps)
+    numeric = central_differences(outer, value)
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-8)
     assert analytic.abs().max() > 1e-6  # the memory does receive a gradient
 
@@ -161,12 +157,7 @@ def test_engagement_memory_gradient_matches_finite_differences(float64):
 
     value = params[memory.ENGAGEMENT_VALUES].clone().requires_grad_(True)
     (analytic,) = torch.autograd.grad(outer(value), value)
-    eps = 1e-6
-    numeric = torch.zeros_like(value)
-    for i in range(value.numel()):
-        bump = torch.zeros_like(value)
-        bump.view(-1)[i] = eps
-        numeric.view(-1)[i] = (outer(value.detach() + bump) - outer(value.detach() - bump)) / (2 * eps)
+    numeric = central_differences(outer, value)
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-9)
     assert analytic.abs().max() > 1e-6
 
