@@ -268,7 +268,10 @@ def test_expired_requests_are_dropped_before_the_engine(tiny_repository: Path, i
         rng = np.random.default_rng(4)
         blocker = server.stub.Recommend.future(recommend_request(item_ids, 2, 10, rng))
         assert engine.entered.wait(WAIT_S)
-        doomed = server.stub.Recommend.future(recommend_request(item_ids, 2, 100, rng), timeout=0.3)
+        # Its deadline passes while the engine is held (the gate stays shut until then); 2 s
+        # so that it reaches the handler first even with another test process on the cores
+        # (with 0.3 s gRPC once dropped it before the handler, which then counted nothing).
+        doomed = server.stub.Recommend.future(recommend_request(item_ids, 2, 100, rng), timeout=2.0)
         assert doomed.exception(timeout=WAIT_S).code() == grpc.StatusCode.DEADLINE_EXCEEDED
         engine.gate.set()
         blocker.result(timeout=WAIT_S)
